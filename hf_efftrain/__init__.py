@@ -1,0 +1,41 @@
+"""hf_efftrain: the techniques of "A Survey on Efficient Training of Transformers" (Zhuang et al., 2023,
+arXiv 2302.01107) for Hugging Face models, switched on by a recipe YAML or used by hand with ``Trainer``."""
+
+from __future__ import annotations
+
+from .errors import RecipeError
+from .recipe import Recipe, load_recipe
+from .registry import all_techniques, get_technique, register_technique
+from .technique import Technique, TechniqueConfig
+
+__version__ = "0.1.0"
+__all__ = [
+    "EffTrainer",
+    "Recipe",
+    "RecipeError",
+    "Technique",
+    "TechniqueConfig",
+    "all_techniques",
+    "get_technique",
+    "list_techniques",
+    "load_recipe",
+    "register_technique",
+    "train",
+]
+
+
+def list_techniques() -> list[str]:
+    return list(all_techniques())
+
+
+def __getattr__(name: str):
+    # EffTrainer and train import transformers' Trainer: loaded on first use so `import hf_efftrain` stays light.
+    if name == "EffTrainer":
+        from .trainer import EffTrainer
+
+        return EffTrainer
+    if name == "train":
+        from .run import train
+
+        return train
+    raise AttributeError(name)

@@ -1,0 +1,92 @@
+"""EffTrainer: ``transformers.Trainer`` that dispatches the run-time technique hooks (DESIGN.md).
+
+It adds three things and nothing technique-specific: the optimizer a technique asks for (through the stock
+``optimizer_cls_and_kwargs`` argument), per-batch transforms and loss overrides in ``compute_loss``, and the
+techniques' callbacks plus one that saves their state with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from .technique import Technique
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "efftrain_state.json"
+
+
+class EffTrainer(Trainer):
+    def __init__(self, model=None, args=None, *, techniques: Sequence[Technique] = (), **kwargs: Any):
+        self.techniques = sorted(techniques, key=lambda t: t.order)
+        if kwargs.get("optimizer_cls_and_kwargs") is None and args is not None:
+            chosen = [(t, o) for t in self.techniques if (o := t.optimizer_cls_and_kwargs(args)) is not None]
+            if len(chosen) > 1:
+                raise ValueError(f"more than one technique sets the optimizer: {[t.name for t, _ in chosen]}")
+            if chosen:
+                kwargs["optimizer_cls_and_kwargs"] = chosen[0][1]
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        for t in self.techniques:
+            callbacks.extend(t.callbacks())
+        if self.techniques:
+            callbacks.append(TechniqueStateCallback(self.techniques))
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.techniques:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:  # batch transforms are a training-time intervention; evaluation sees the data as is
+            for t in self.techniques:
+                inputs = t.on_batch(inputs, self.state.global_step)
+            if not return_outputs:
+                default = partial(super().compute_loss, num_items_in_batch=num_items_in_batch)
+                for t in self.techniques:
+                    loss = t.loss(model, inputs, default)
+                    if loss is not None:
+                        return loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            load_technique_state(self.techniques, self._resolve_checkpoint(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
+        if isinstance(resume_from_checkpoint, bool):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            return get_last_checkpoint(self.args.output_dir)
+        return resume_from_checkpoint
+
+
+class TechniqueStateCallback(TrainerCallback):
+    """Writes every technique's ``state_dict()`` into each checkpoint folder, for resume."""
+
+    def __init__(self, techniques: Sequence[Technique]):
+        self.techniques = techniques
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, STATE_FILE), "w") as f:
+                    json.dump({t.name: t.state_dict() for t in self.techniques}, f)
+        return control
+
+
+def load_technique_state(techniques: Sequence[Technique], checkpoint: str | None) -> None:
+    path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        states = json.load(f)
+    for t in techniques:
+        if t.name in states:
+            t.load_state_dict(states[t.name])

@@ -1,0 +1,51 @@
+"""Shared test set-up: offline, quiet, one cache for the whole session (the built-in tokenizer and corpora
+are built once), tiny runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """``tiny_recipe(**sections)``: a recipe dict for a few-step run on built-in data (sections are merged)."""
+    return lambda **sections: _tiny_recipe(tmp_path, **sections)
+
+
+def _tiny_recipe(tmp_path: Path, **sections) -> dict:
+    recipe = {
+        "model": {"name_or_path": "builtin:tiny-llama", "config_overrides": {"num_hidden_layers": 2}},
+        "data": {"train": "builtin:stdlib-docs", "max_length": 64, "max_train_samples": 256,
+                 "max_eval_samples": 32},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "per_device_train_batch_size": 8,
+                     "per_device_eval_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 1,
+                     "lr_scheduler_type": "constant",
+                     "seed": 0, "dataloader_pin_memory": False},
+        "techniques": [],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and key in ("model", "data", "training"):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe

@@ -47,7 +47,7 @@ class Env:
         import torch
 
         cuda = torch.cuda.is_available()
-        optional = ("flash_attn", "bitsandbytes", "deepspeed", "peft")
+        optional = ("flash_attn", "flash_attn_interface", "bitsandbytes", "deepspeed", "peft")
         return cls(
             cuda=cuda,
             bf16_supported=torch.cuda.is_bf16_supported() if cuda else True,

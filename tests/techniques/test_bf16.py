@@ -1,0 +1,60 @@
+"""bf16 mixed precision (Micikevicius et al. 2018, arXiv 1710.03740): bf16 compute, fp32 master weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_efftrain.errors import RecipeError
+from hf_efftrain.registry import get_technique
+from hf_efftrain.technique import Env
+from hf_efftrain.techniques.bf16 import Bf16Config, Bf16Technique
+
+
+def test_validate():
+    Bf16Technique().validate(None, Env(cuda=False))
+    Bf16Technique().validate(None, Env(cuda=True, bf16_supported=True))
+    with pytest.raises(RecipeError, match="bf16") as err:
+        Bf16Technique().validate(None, Env(cuda=True, bf16_supported=False))
+    assert err.value.path == "name"
+
+
+def test_training_args_set_mixed_precision(tiny):
+    args = Bf16Technique(full_eval=True).training_args(tiny.args())
+    assert args.bf16 and args.bf16_full_eval and not args.fp16
+    assert args.mixed_precision == "bf16"  # what the Trainer hands to Accelerate
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_cpu_only_machine_gets_use_cpu(tiny):
+    # TrainingArguments refuses bf16 without a bf16 accelerator unless use_cpu is set.
+    args = Bf16Technique().training_args(tiny.args(use_cpu=False))
+    assert args.bf16 and args.use_cpu
+
+
+def test_stock_trainer_step_with_cpu_autocast(tiny):
+    args = Bf16Technique().training_args(tiny.args(max_steps=2))
+    model = tiny.model()
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer = tiny.train(model, args)
+    hook.remove()
+
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert seen and set(seen) == {torch.bfloat16}  # matmuls ran in bf16 under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    losses = tiny.losses(trainer)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_contract():
+    assert get_technique("bf16") is Bf16Technique
+    assert "fp16" in Bf16Technique.conflicts
+    assert "1710.03740" in Bf16Technique.paper
+    for field_name, field in Bf16Config.model_fields.items():
+        assert field_name == "name" or field.description
+
+
+def test_training_fp16_is_a_recipe_error(tiny):
+    with pytest.raises(RecipeError, match="training.fp16"):
+        Bf16Technique().training_args(tiny.args(fp16=True))

@@ -173,7 +173,7 @@ def _message(err: dict) -> str:
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {limit}{got}"
+        return f"must be {bounds[kind]} {limit:g}{got}" if isinstance(limit, (int, float)) else f"must be {bounds[kind]} {limit}{got}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}{got}"
     if kind == "missing":

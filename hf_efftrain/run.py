@@ -4,6 +4,7 @@ evidence"). ``run_report.json`` is written last and atomically, so a run killed 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,13 @@ def train(
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, output_dir)
+    use_cpu_when_launched_without_gpu()
     out = Path(recipe.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in REPORT_FILES:  # a stale report must not describe this run, even if it dies early
+            (out / name).unlink(missing_ok=True)
     built = build(recipe)
     trainer = built.trainer
-    if trainer.is_world_process_zero():
-        for name in REPORT_FILES:  # a stale report must not describe this run
-            (out / name).unlink(missing_ok=True)
     train_output = trainer.train()
     extra: dict[str, Any] = {"task": built.task, "output_dir": str(out), "recipe": recipe.to_dict()}
     if built.eval_dataset is not None:
@@ -42,6 +44,18 @@ def train(
         plot_loss(trainer.state.log_history, out / "loss.png")
         write_run_report(out, report)  # last: its presence means the run finished
     return report
+
+
+def use_cpu_when_launched_without_gpu() -> None:
+    """Under ``accelerate launch`` on a machine without CUDA, run the processes as a CPU (gloo) group.
+
+    Accelerate's multi-process launcher starts the processes but they only form a CPU group when told it is a
+    CPU run; telling them here lets one launch line and config serve both GPU and CPU machines.
+    """
+    import torch
+
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def mean_length(built: Built, sample: int = 2000) -> int:

@@ -56,6 +56,16 @@ class AttentionTechnique(Technique):
 
     config: AttentionConfig
 
+    @classmethod
+    def status(cls) -> str:
+        import torch
+
+        from ..technique import has_package
+
+        if torch.cuda.is_available() and any(has_package(p) for p in FLASH_PACKAGES.values()):
+            return "ready"
+        return "ready (flash_*: needs CUDA and flash-attn)"
+
     def validate(self, recipe: Any, env: Env) -> None:
         impl = self.config.implementation
         model_impl = getattr(getattr(recipe, "model", None), "attn_implementation", None)

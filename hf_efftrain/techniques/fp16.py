@@ -37,6 +37,12 @@ class Fp16Technique(Technique):
 
     config: Fp16Config
 
+    @classmethod
+    def status(cls) -> str:
+        import torch
+
+        return "ready" if torch.cuda.is_available() else "needs CUDA"
+
     def validate(self, recipe: Any, env: Env) -> None:
         if not env.cuda:
             raise RecipeError("name", "fp16 mixed precision needs a CUDA GPU; use bf16 on CPU")

@@ -26,14 +26,24 @@ WARMUP_STEPS = 5
 
 
 def recipe(steps: int, out: Path, techniques: list[dict]) -> Recipe:
-    return Recipe.parse({
-        "model": {"name_or_path": "builtin:tiny-llama"},
-        "data": {"train": "builtin:stdlib-docs", "max_length": 128},
-        "training": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 16,
-                     "learning_rate": 1e-3, "lr_scheduler_type": "constant", "logging_steps": 1, "seed": 0,
-                     "disable_tqdm": True, "dataloader_pin_memory": False},
-        "techniques": techniques,
-    })
+    return Recipe.parse(
+        {
+            "model": {"name_or_path": "builtin:tiny-llama"},
+            "data": {"train": "builtin:stdlib-docs", "max_length": 128},
+            "training": {
+                "output_dir": str(out),
+                "max_steps": steps,
+                "per_device_train_batch_size": 16,
+                "learning_rate": 1e-3,
+                "lr_scheduler_type": "constant",
+                "logging_steps": 1,
+                "seed": 0,
+                "disable_tqdm": True,
+                "dataloader_pin_memory": False,
+            },
+            "techniques": techniques,
+        }
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -51,8 +61,13 @@ def run_variant(name: str, steps: int, out: Path) -> dict:
     techniques = [{"name": "lion", "lr": 3e-4, "weight_decay": 0.1}] if name == "efftrainer_lion" else []
     built = build(recipe(steps, out / name, techniques))
     if name == "plain_trainer":  # the stock Trainer, no hf_efftrain code in the loop; only data prep shared
-        trainer = Trainer(model=built.model, args=built.args, train_dataset=built.train_dataset,
-                          data_collator=built.collator, processing_class=built.tokenizer)
+        trainer = Trainer(
+            model=built.model,
+            args=built.args,
+            train_dataset=built.train_dataset,
+            data_collator=built.collator,
+            processing_class=built.tokenizer,
+        )
     else:
         trainer = built.trainer
     timer = StepTimer()
@@ -61,8 +76,9 @@ def run_variant(name: str, steps: int, out: Path) -> dict:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         "trainer": type(trainer).__name__,
-        "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                          else trainer.optimizer).__name__,
+        "optimizer": type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__,
         "step_time_s": statistics.median(timer.times[WARMUP_STEPS:]),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "optimizer_state_tensors": len(trainer.optimizer.state),
@@ -86,14 +102,20 @@ def main() -> None:
     summary = {}
     for v, rs in runs.items():
         times = [r["step_time_s"] for r in rs]
-        summary[v] = {**{k: rs[0][k] for k in ("trainer", "optimizer", "optimizer_state_bytes", "loss_final")},
-                      "step_time_s": statistics.median(times), "step_time_min_s": min(times),
-                      "step_time_max_s": max(times), "same_loss_every_repeat": len({r["loss_final"] for r in rs}) == 1}
+        summary[v] = {
+            **{k: rs[0][k] for k in ("trainer", "optimizer", "optimizer_state_bytes", "loss_final")},
+            "step_time_s": statistics.median(times),
+            "step_time_min_s": min(times),
+            "step_time_max_s": max(times),
+            "same_loss_every_repeat": len({r["loss_final"] for r in rs}) == 1,
+        }
     base, eff, lion = (summary[v] for v in variants)
     ratios = {
         "efftrainer_overhead": eff["step_time_s"] / base["step_time_s"] - 1,
         "efftrainer_overhead_best_of_repeats": eff["step_time_min_s"] / base["step_time_min_s"] - 1,
-        "efftrainer_same_losses_as_plain": runs["efftrainer"][0]["loss_curve"] == runs["plain_trainer"][0]["loss_curve"],
+        "efftrainer_same_losses_as_plain": (
+            runs["efftrainer"][0]["loss_curve"] == runs["plain_trainer"][0]["loss_curve"]
+        ),
         "lion_state_over_adamw": lion["optimizer_state_bytes"] / eff["optimizer_state_bytes"],
         # AdamW keeps two moments plus a 4-byte step counter per tensor; Lion keeps one moment.
         "lion_state_exactly_half_of_adamw_moments": 2 * lion["optimizer_state_bytes"]
@@ -101,11 +123,13 @@ def main() -> None:
         "lion_step_time_over_adamw": lion["step_time_s"] / eff["step_time_s"],
     }
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps({"steps": a.steps, "repeats": a.repeats, "summary": summary,
-                                                   "ratios": ratios}, indent=2))
+    (a.out / "results.json").write_text(
+        json.dumps({"steps": a.steps, "repeats": a.repeats, "summary": summary, "ratios": ratios}, indent=2)
+    )
     lines = [
         f"Core benchmark: tiny-llama (4 layers, hidden 128), stdlib-docs, batch 16 x 128 tokens, {a.steps} steps, "
-        f"{a.repeats} interleaved repeats; step time = median after {WARMUP_STEPS} warm-up steps (min..max of repeats).",
+        f"{a.repeats} interleaved repeats; step time = median after {WARMUP_STEPS} warm-up steps "
+        "(min..max of repeats).",
         "",
         "| variant | trainer | optimizer | step time (ms) | vs plain Trainer | optimizer state (bytes) | loss @ end |",
         "|---|---|---|---|---|---|---|",

@@ -85,8 +85,11 @@ def load_tokenizer(recipe: Recipe):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:
-        raise RecipeError(path, f"no tokenizer at {source!r} ({type(e).__name__}); give a local folder "
-                          "with tokenizer files, or a builtin: model") from None
+        raise RecipeError(
+            path,
+            f"no tokenizer at {source!r} ({type(e).__name__}); give a local folder "
+            "with tokenizer files, or a builtin: model",
+        ) from None
     if tokenizer.pad_token is None:  # e.g. GPT-2 style tokenizers: pad with EOS (labels are -100 there anyway)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -109,8 +112,11 @@ def load_config(recipe: Recipe, tokenizer):
             config = AutoConfig.from_pretrained(name)
         except Exception as e:
             allowed = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
-            raise RecipeError("model.name_or_path", f"{name!r} is neither a local model folder nor reachable on the "
-                              f"hub ({type(e).__name__}); builtin models: {allowed}") from None
+            raise RecipeError(
+                "model.name_or_path",
+                f"{name!r} is neither a local model folder nor reachable on the "
+                f"hub ({type(e).__name__}); builtin models: {allowed}",
+            ) from None
     for key, value in recipe.model.config_overrides.items():
         if not hasattr(config, key):
             raise RecipeError(f"model.config_overrides.{key}", f"not a field of {type(config).__name__}")
@@ -179,9 +185,7 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
         cols = data_mod.task_columns(task, recipe.data)
         data_mod.require_columns(train_split, cols, recipe.data.train)
         if task == "classification":
-            splits, names = data_mod.encode_labels(
-                _as_dict(train_split, eval_split), recipe.data.label_field
-            )
+            splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field)
             train_split, eval_split = splits["train"], splits.get("eval")
             config.num_labels = recipe.model.num_labels or len(names)
             config.id2label = dict(enumerate(names))
@@ -197,8 +201,9 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
             train_dataset = t.on_dataset(train_dataset, tokenizer)
 
     if eval_dataset is None and args.eval_strategy != "no":
-        raise RecipeError("training.eval_strategy", "needs an evaluation set: set data.eval, or use a source "
-                          "with a validation split")
+        raise RecipeError(
+            "training.eval_strategy", "needs an evaluation set: set data.eval, or use a source with a validation split"
+        )
 
     kwargs: dict[str, Any] = {}
     if recipe.model.attn_implementation:
@@ -210,8 +215,11 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
     model = load_model(recipe, config, task, kwargs)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
-        raise RecipeError("model.tokenizer", f"tokenizer has {len(tokenizer)} tokens but the model's embedding "
-                          f"has {vocab}: use the tokenizer the model was trained with")
+        raise RecipeError(
+            "model.tokenizer",
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding "
+            f"has {vocab}: use the tokenizer the model was trained with",
+        )
     for t in techniques:
         model = t.on_model(model)
 
@@ -220,8 +228,13 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
         collator = t.collator(collator)
 
     trainer = EffTrainer(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=collator, processing_class=tokenizer, techniques=techniques,
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        techniques=techniques,
     )
     return Built(recipe, task, techniques, tokenizer, model, train_dataset, eval_dataset, collator, args, trainer)
 

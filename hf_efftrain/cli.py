@@ -19,8 +19,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def recipe_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="recipe YAML")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. training.max_steps=10 (repeatable)")
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe field, e.g. training.max_steps=10 (repeatable)",
+        )
         sp.add_argument("--output-dir", help="shortcut for --set training.output_dir=D")
 
     recipe_args(sub.add_parser("train", help="train a model from a recipe"))
@@ -47,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if rank == 0 else 60)
+    # bitsandbytes warns at import that its optional `kernels` package is missing; its CPU paths work without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

@@ -36,8 +36,9 @@ def load_source(spec: str, path: str):
             data = datasets.load_dataset(spec)
         except Exception as e:  # offline machines land here: say what would have worked
             raise RecipeError(
-                path, f"{spec!r} is not a builtin: name, not a local file or folder, and could not be loaded "
-                f"from the hub ({type(e).__name__}); allowed local suffixes: {', '.join(FILE_BUILDERS)}"
+                path,
+                f"{spec!r} is not a builtin: name, not a local file or folder, and could not be loaded "
+                f"from the hub ({type(e).__name__}); allowed local suffixes: {', '.join(FILE_BUILDERS)}",
             ) from None
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict(train=data)
@@ -92,7 +93,10 @@ def tokenize(dataset, task: str, tokenizer, data_cfg):
         "classification": _classification,
     }[task]
     out = dataset.map(
-        fn, batched=True, remove_columns=dataset.column_names, fn_kwargs={"tok": tokenizer, "cfg": data_cfg},
+        fn,
+        batched=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"tok": tokenizer, "cfg": data_cfg},
         desc=f"tokenize ({task})",
     )
     out = out.filter(lambda ex: len(ex["input_ids"]) > 1, desc="drop empty rows")
@@ -101,8 +105,9 @@ def tokenize(dataset, task: str, tokenizer, data_cfg):
     return out
 
 
-def _ids(tok, texts: list[str]) -> list[list[int]]:
-    return tok(list(texts), add_special_tokens=False)["input_ids"]
+def _ids(tok, texts: list[str], max_length: int) -> list[list[int]]:
+    # Truncating here (not only after) keeps long documents cheap and the tokenizer's length warning quiet.
+    return tok(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
 
 
 def _wrap(ids: list[int], first: int | None, last: int | None, max_length: int) -> list[int]:
@@ -112,13 +117,16 @@ def _wrap(ids: list[int], first: int | None, last: int | None, max_length: int) 
 
 
 def _causal_lm(batch, tok, cfg):
-    rows = [_wrap(ids, tok.bos_token_id, tok.eos_token_id, cfg.max_length) for ids in _ids(tok, batch[cfg.text_field])]
+    rows = [
+        _wrap(ids, tok.bos_token_id, tok.eos_token_id, cfg.max_length)
+        for ids in _ids(tok, batch[cfg.text_field], cfg.max_length)
+    ]
     return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": [list(r) for r in rows]}
 
 
 def _sft(batch, tok, cfg):
-    prompts = _ids(tok, [SFT_TEMPLATE.format(prompt=p) for p in batch[cfg.prompt_field]])
-    responses = _ids(tok, batch[cfg.response_field])
+    prompts = _ids(tok, [SFT_TEMPLATE.format(prompt=p) for p in batch[cfg.prompt_field]], cfg.max_length)
+    responses = _ids(tok, batch[cfg.response_field], cfg.max_length)
     out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -133,15 +141,19 @@ def _sft(batch, tok, cfg):
 
 
 def _seq2seq(batch, tok, cfg):
-    inputs = [_wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[cfg.prompt_field])]
-    labels = [_wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[cfg.response_field])]
+    inputs = [
+        _wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[cfg.prompt_field], cfg.max_length)
+    ]
+    labels = [
+        _wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[cfg.response_field], cfg.max_length)
+    ]
     return {"input_ids": inputs, "attention_mask": [[1] * len(r) for r in inputs], "labels": labels}
 
 
 def _encoder_ids(tok, texts, max_length):
     first = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
     last = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-    return [_wrap(ids, first, last, max_length) for ids in _ids(tok, texts)]
+    return [_wrap(ids, first, last, max_length) for ids in _ids(tok, texts, max_length)]
 
 
 def _masked_lm(batch, tok, cfg):

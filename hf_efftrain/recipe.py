@@ -105,8 +105,10 @@ def _validate_training(training: Any, errors: list[str]) -> dict[str, Any]:
     for key, value in training.items():
         path = f"training.{key}"
         if key in _DISTRIBUTED_FIELDS:
-            errors.append(f"{path}: distributed settings live in the accelerate config, not the recipe "
-                          "(accelerate launch --config_file accelerate_configs/<strategy>.yaml ...)")
+            errors.append(
+                f"{path}: distributed settings live in the accelerate config, not the recipe "
+                "(accelerate launch --config_file accelerate_configs/<strategy>.yaml ...)"
+            )
         elif key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -173,7 +175,8 @@ def _message(err: dict) -> str:
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {limit:g}{got}" if isinstance(limit, (int, float)) else f"must be {bounds[kind]} {limit}{got}"
+        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
+        return f"must be {bounds[kind]} {limit}{got}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}{got}"
     if kind == "missing":
@@ -203,9 +206,7 @@ def _model_type(annotation: Any) -> Any:
 
 
 # ---- YAML and --set ----------------------------------------------------------------------------------------
-def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None
-) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
     """Read a recipe YAML, apply ``--set a.b=value`` overrides and ``--output-dir``, and validate it."""
     path = Path(path)
     if not path.is_file():

@@ -35,12 +35,18 @@ def tiny_recipe(tmp_path):
 def _tiny_recipe(tmp_path: Path, **sections) -> dict:
     recipe = {
         "model": {"name_or_path": "builtin:tiny-llama", "config_overrides": {"num_hidden_layers": 2}},
-        "data": {"train": "builtin:stdlib-docs", "max_length": 64, "max_train_samples": 256,
-                 "max_eval_samples": 32},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "per_device_train_batch_size": 8,
-                     "per_device_eval_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 1,
-                     "lr_scheduler_type": "constant",
-                     "seed": 0, "dataloader_pin_memory": False},
+        "data": {"train": "builtin:stdlib-docs", "max_length": 64, "max_train_samples": 256, "max_eval_samples": 32},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 8,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "lr_scheduler_type": "constant",
+            "seed": 0,
+            "dataloader_pin_memory": False,
+        },
         "techniques": [],
     }
     for key, value in sections.items():

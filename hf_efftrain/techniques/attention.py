@@ -52,7 +52,10 @@ class AttentionTechnique(Technique):
     name = "attention"
     Config = AttentionConfig
     survey_section = "Hardware/algorithm co-design / Efficient attention"
-    paper = 'Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness", arXiv 2205.14135'
+    paper = (
+        'Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness", '
+        "arXiv 2205.14135"
+    )
 
     config: AttentionConfig
 

@@ -40,8 +40,7 @@ def test_validate_ok_and_user_error_exit_2_without_traceback(tmp_path, tiny_reci
     for command in ("validate", "train"):
         res = cli(command, str(path))
         assert res.returncode == 2, res.stderr
-        assert res.stderr.strip().splitlines()[-1] == (
-            "error: techniques[1].weight_decay: must be >= 0 (got -0.1)")
+        assert res.stderr.strip().splitlines()[-1] == ("error: techniques[1].weight_decay: must be >= 0 (got -0.1)")
         assert "Traceback" not in res.stderr
     res = cli("train", str(path), "--set", "training.max_steps=many")
     assert res.returncode == 2 and "training.max_steps: Input should be a valid integer" in res.stderr
@@ -51,8 +50,16 @@ def test_train_prints_summary_and_overrides_apply(tmp_path, tiny_recipe):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe()))
     out = tmp_path / "cli_run"
-    res = cli("train", str(path), "--set", "training.max_steps=3", "--set", "techniques.lion.lr=2e-3",
-              "--output-dir", str(out))
+    res = cli(
+        "train",
+        str(path),
+        "--set",
+        "training.max_steps=3",
+        "--set",
+        "techniques.lion.lr=2e-3",
+        "--output-dir",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "train loss (first -> final)" in res.stdout and "tokens/s" in res.stdout
     report = json.loads((out / "run_report.json").read_text())
@@ -65,8 +72,9 @@ def test_killed_run_leaves_no_report(tmp_path, tiny_recipe):
     (out / "run_report.json").write_text('{"stale": true}')  # from an earlier run in the same folder
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(training={"max_steps": 100000, "output_dir": str(out)})))
-    proc = subprocess.Popen([*CLI, "train", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [*CLI, "train", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 240
     for line in proc.stdout:  # wait until training has really started
         if "'loss'" in line or time.time() > deadline:
@@ -83,9 +91,24 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_recipe):
     path.write_text(yaml.safe_dump(tiny_recipe(techniques=[{"name": "lion"}])))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
-         "--main_process_port", "29517", "-m", "hf_efftrain", "train", str(path)],
-        capture_output=True, text=True, timeout=400, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "accelerate_configs/cpu_ddp.yaml",
+            "--main_process_port",
+            "29517",
+            "-m",
+            "hf_efftrain",
+            "train",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+        env=env,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "run_report.json").read_text())

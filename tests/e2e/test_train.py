@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,10 +12,25 @@ from hf_efftrain import Recipe, train
 from hf_efftrain.cli import main
 
 REPORT_KEYS = {
-    "tokens_per_second", "samples_per_second", "wall_time_s", "steps", "train_loss_first", "train_loss_final",
-    "eval_loss", "params_total", "params_trainable", "optimizer_state_bytes", "peak_memory_bytes",
-    "model_flops_per_token", "mfu", "peak_flops", "peak_flops_source", "world_size", "distributed_type",
-    "techniques", "versions",
+    "tokens_per_second",
+    "samples_per_second",
+    "wall_time_s",
+    "steps",
+    "train_loss_first",
+    "train_loss_final",
+    "eval_loss",
+    "params_total",
+    "params_trainable",
+    "optimizer_state_bytes",
+    "peak_memory_bytes",
+    "model_flops_per_token",
+    "mfu",
+    "peak_flops",
+    "peak_flops_source",
+    "world_size",
+    "distributed_type",
+    "techniques",
+    "versions",
 }
 
 
@@ -39,12 +55,16 @@ TASKS = {
 @pytest.mark.parametrize("case", TASKS, ids=list(TASKS))
 def test_each_builtin_task_learns(tiny_recipe, case):
     model, data = TASKS[case]
-    report = run(tiny_recipe(
-        model={**model, "config_overrides": {}}, data=data,
-        # classification learns from a few keywords among filler words: slower start, lower lr
-        training={"max_steps": 30, "learning_rate": 3e-3} if "classification" not in case else
-        {"max_steps": 60, "learning_rate": 1e-3, "per_device_train_batch_size": 16},
-    ))
+    report = run(
+        tiny_recipe(
+            model={**model, "config_overrides": {}},
+            data=data,
+            # classification learns from a few keywords among filler words: slower start, lower lr
+            training={"max_steps": 30, "learning_rate": 3e-3}
+            if "classification" not in case
+            else {"max_steps": 60, "learning_rate": 1e-3, "per_device_train_batch_size": 16},
+        )
+    )
     assert report["task"] == case.split("/")[0]
     assert_learned(report, 0.9 if case.startswith("classification") else 0.85)
     assert report["eval_loss"] is not None
@@ -70,10 +90,12 @@ def test_report_is_complete_and_written_last(tiny_recipe, tmp_path):
 def test_save_reload_continue(tiny_recipe, tmp_path):
     first = run(tiny_recipe(training={"max_steps": 15, "output_dir": str(tmp_path / "a")}))
     assert_learned(first)
-    second = run(tiny_recipe(
-        model={"name_or_path": str(tmp_path / "a"), "config_overrides": {}},
-        training={"max_steps": 5, "output_dir": str(tmp_path / "b")},
-    ))
+    second = run(
+        tiny_recipe(
+            model={"name_or_path": str(tmp_path / "a"), "config_overrides": {}},
+            training={"max_steps": 5, "output_dir": str(tmp_path / "b")},
+        )
+    )
     # continuing from the saved weights starts near where the first run ended, far below a fresh model
     assert second["train_loss_first"] < 0.5 * (first["train_loss_first"] + first["train_loss_final"])
     assert (tmp_path / "b" / "tokenizer.json").exists() or (tmp_path / "b" / "tokenizer_config.json").exists()
@@ -83,17 +105,26 @@ def test_save_reload_continue(tiny_recipe, tmp_path):
 def test_local_data_files(tiny_recipe, tmp_path, suffix):
     import datasets
 
-    texts = [f"Return the number {i} of items in the container, counting each element once." * (1 + i % 3)
-             for i in range(48)]
+    texts = [
+        f"Return the number {i} of items in the container, counting each element once." * (1 + i % 3)
+        for i in range(48)
+    ]
     path = tmp_path / f"data.{suffix}"
     if suffix == "txt":
         path.write_text("\n".join(texts))
     else:
         ds = datasets.Dataset.from_dict({"text": texts})
-        {"json": lambda: ds.to_json(path, lines=False), "jsonl": lambda: ds.to_json(path),
-         "csv": lambda: ds.to_csv(path), "parquet": lambda: ds.to_parquet(path)}[suffix]()
-    report = run(tiny_recipe(data={"train": str(path), "max_train_samples": None, "max_eval_samples": None},
-                             training={"max_steps": 8}))
+        {
+            "json": lambda: ds.to_json(path, lines=False),
+            "jsonl": lambda: ds.to_json(path),
+            "csv": lambda: ds.to_csv(path),
+            "parquet": lambda: ds.to_parquet(path),
+        }[suffix]()
+    report = run(
+        tiny_recipe(
+            data={"train": str(path), "max_train_samples": None, "max_eval_samples": None}, training={"max_steps": 8}
+        )
+    )
     assert_learned(report)
     assert report["eval_loss"] is None
 
@@ -123,3 +154,27 @@ def test_bad_input_exits_2_with_one_message(tiny_recipe, tmp_path, capsys, chang
     assert expected in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "run_report.json").exists()
+
+
+def test_shipped_recipes_run_quickstart_then_sft(tmp_path):
+    """The two recipes in recipes/ as shipped (shortened): pre-train, then fine-tune the saved model."""
+    from hf_efftrain import load_recipe
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    pre = train(
+        load_recipe(
+            root / "quickstart.yaml",
+            ["training.max_steps=12", "data.max_eval_samples=16"],
+            output_dir=str(tmp_path / "quickstart"),
+        )
+    )
+    assert pre["train_loss_final"] < pre["train_loss_first"]
+    sft = train(
+        load_recipe(
+            root / "sft.yaml",
+            [f"model.name_or_path={tmp_path / 'quickstart'}", "training.max_steps=12", "data.max_eval_samples=16"],
+            output_dir=str(tmp_path / "sft"),
+        )
+    )
+    assert sft["task"] == "sft" and sft["train_loss_final"] < sft["train_loss_first"]
+    assert [t["name"] for t in pre["techniques"]] == ["lion", "attention", "bf16"]

@@ -11,9 +11,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_bf16_lion_recipe_on_gpu(tiny_recipe):
-    report = train(Recipe.parse(tiny_recipe(
-        training={"max_steps": 30}, techniques=[{"name": "lion", "lr": 1e-3}, {"name": "bf16"}],
-    )))
+    report = train(
+        Recipe.parse(
+            tiny_recipe(
+                training={"max_steps": 30},
+                techniques=[{"name": "lion", "lr": 1e-3}, {"name": "bf16"}],
+            )
+        )
+    )
     assert report["train_loss_final"] < 0.85 * report["train_loss_first"]
     assert report["peak_memory_bytes"]["cuda"] > 0
     assert report["compute_dtype"] == "bfloat16"

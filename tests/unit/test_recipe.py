@@ -42,15 +42,21 @@ def test_techniques_get_their_own_config(tiny_recipe):
         (lambda r: r["model"].update(colour="red"), "model.colour: unknown field; allowed: name_or_path"),
         (lambda r: r.update(extra_section=1), "extra_section: unknown field; allowed: model, data, training"),
         (lambda r: r["training"].update(max_steps="ten"), "training.max_steps: Input should be a valid integer"),
-        (lambda r: r["training"].update(max_stepz=3), "training.max_stepz: not a transformers.TrainingArguments "
-                                                      "field; did you mean max_steps"),
+        (
+            lambda r: r["training"].update(max_stepz=3),
+            "training.max_stepz: not a transformers.TrainingArguments field; did you mean max_steps",
+        ),
         (lambda r: r["training"].update(deepspeed="ds.json"), "training.deepspeed: distributed settings live in"),
         (lambda r: r["data"].update(max_length=0), "data.max_length: must be >= 8 (got 0)"),
         (lambda r: r["model"].update(task="vision"), "model.task: must be one of"),
-        (lambda r: r.update(techniques=[{"name": "bf16"}, {"name": "lion", "weight_decay": -1}]),
-         "techniques[1].weight_decay: must be >= 0"),
-        (lambda r: r.update(techniques=[{"name": "lion", "betas": [0.9, 0.99]}]),
-         "techniques[0].betas: unknown field; allowed: name, lr, beta1, beta2"),
+        (
+            lambda r: r.update(techniques=[{"name": "bf16"}, {"name": "lion", "weight_decay": -1}]),
+            "techniques[1].weight_decay: must be >= 0",
+        ),
+        (
+            lambda r: r.update(techniques=[{"name": "lion", "betas": [0.9, 0.99]}]),
+            "techniques[0].betas: unknown field; allowed: name, lr, beta1, beta2",
+        ),
         (lambda r: r.update(techniques=[{"name": "nope"}]), "techniques[0].name: unknown technique 'nope'; allowed:"),
         (lambda r: r.update(techniques=[{"name": "lion"}, {"name": "lion"}]), "techniques[1].name: technique 'lion'"),
         (lambda r: r.update(techniques=[{"lr": 1}]), "techniques[0]: each technique is a mapping with a 'name'"),
@@ -81,11 +87,20 @@ def test_conflicting_techniques(tiny_recipe):
 
 def test_overrides_are_typed_like_their_field(tmp_path, tiny_recipe):
     path = write(tmp_path, tiny_recipe(techniques=[{"name": "lion"}]))
-    recipe = load_recipe(path, [
-        "training.max_steps=11", "training.learning_rate=2e-4", "model.name_or_path=123",
-        "techniques.lion.weight_decay=0.3", "techniques[0].beta1=0.8", "techniques.bf16.name=bf16",
-        "model.config_overrides.num_hidden_layers=3", "training.bf16=false",
-    ], output_dir=str(tmp_path / "elsewhere"))
+    recipe = load_recipe(
+        path,
+        [
+            "training.max_steps=11",
+            "training.learning_rate=2e-4",
+            "model.name_or_path=123",
+            "techniques.lion.weight_decay=0.3",
+            "techniques[0].beta1=0.8",
+            "techniques.bf16.name=bf16",
+            "model.config_overrides.num_hidden_layers=3",
+            "training.bf16=false",
+        ],
+        output_dir=str(tmp_path / "elsewhere"),
+    )
     assert recipe.training["max_steps"] == 11 and recipe.training["learning_rate"] == 2e-4
     assert recipe.training["bf16"] is False
     assert recipe.model.name_or_path == "123"

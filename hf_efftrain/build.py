@@ -152,9 +152,12 @@ def load_model(recipe: Recipe, config, task: str, kwargs: dict[str, Any]):
 
 
 def make_training_args(recipe: Recipe, techniques: list[Technique]):
+    import torch
     from transformers import TrainingArguments
 
     values = {**TRAINING_DEFAULTS, **recipe.training}
+    if not torch.cuda.is_available():  # pinned memory only helps host-to-GPU copies
+        values.setdefault("dataloader_pin_memory", False)
     try:
         args = TrainingArguments(**values)
     except (ValueError, TypeError) as e:

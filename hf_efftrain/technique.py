@@ -107,6 +107,9 @@ class Technique:
         return None
 
     # ---- run time ---------------------------------------------------------------------------------------
+    def on_trainer(self, trainer: Any) -> None:
+        """Called once the EffTrainer exists (e.g. to rebuild its optimizer when the model grows)."""
+
     def on_batch(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """Per-batch transform before the forward pass."""
         return batch

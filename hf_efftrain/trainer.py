@@ -38,6 +38,8 @@ class EffTrainer(Trainer):
         if self.techniques:
             callbacks.append(TechniqueStateCallback(self.techniques))
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        for t in self.techniques:
+            t.on_trainer(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.techniques:

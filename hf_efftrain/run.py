@@ -33,7 +33,7 @@ def train(
             (out / name).unlink(missing_ok=True)
     built = build(recipe)
     trainer = built.trainer
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=built.args.resume_from_checkpoint)
     extra: dict[str, Any] = {"task": built.task, "output_dir": str(out), "recipe": recipe.to_dict()}
     if built.eval_dataset is not None:
         extra["eval"] = trainer.evaluate()

@@ -122,7 +122,8 @@ class Technique:
         return []
 
     def state_dict(self) -> dict[str, Any]:
-        """Whatever resuming this technique needs (saved with checkpoints)."""
+        """Whatever resuming this technique needs: plain containers and tensors (saved with torch.save in every
+        checkpoint folder, loaded before training resumes)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -7,20 +7,20 @@ techniques' callbacks plus one that saves their state with every checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from .technique import Technique
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "efftrain_state.json"
+STATE_FILE = "efftrain_state.pt"  # torch.save: techniques may keep tensors (masks)
 
 
 class EffTrainer(Trainer):
@@ -78,8 +78,7 @@ class TechniqueStateCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                with open(os.path.join(folder, STATE_FILE), "w") as f:
-                    json.dump({t.name: t.state_dict() for t in self.techniques}, f)
+                torch.save({t.name: t.state_dict() for t in self.techniques}, os.path.join(folder, STATE_FILE))
         return control
 
 
@@ -87,8 +86,7 @@ def load_technique_state(techniques: Sequence[Technique], checkpoint: str | None
     path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
     if not path or not os.path.exists(path):
         return
-    with open(path) as f:
-        states = json.load(f)
+    states = torch.load(path, weights_only=True)  # plain containers and tensors only
     for t in techniques:
         if t.name in states:
             t.load_state_dict(states[t.name])

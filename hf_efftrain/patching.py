@@ -46,6 +46,17 @@ class Patches:
 
 def patch_attr(obj: Any, name: str, value: Any) -> Patch:
     """Set ``obj.name = value`` and return a handle whose ``undo()`` puts back the previous state."""
-    own = vars(obj).get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name)
+    patch = Patch(obj, name, _own(obj, name))
     setattr(obj, name, value)
-    return Patch(obj, name, own)
+    return patch
+
+
+def _own(obj: Any, name: str) -> Any:
+    """The object's own value for ``name`` (an nn.Module keeps parameters, buffers and children apart)."""
+    own = vars(obj) if hasattr(obj, "__dict__") else {}
+    if name in own:
+        return own[name]
+    for registry in ("_parameters", "_buffers", "_modules"):
+        if name in own.get(registry, {}):
+            return own[registry][name]
+    return _MISSING if hasattr(obj, "__dict__") else getattr(obj, name)

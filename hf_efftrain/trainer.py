@@ -1,8 +1,8 @@
 """EffTrainer: ``transformers.Trainer`` that dispatches the run-time technique hooks (DESIGN.md).
 
-It adds three things and nothing technique-specific: the optimizer a technique asks for (through the stock
-``optimizer_cls_and_kwargs`` argument), per-batch transforms and loss overrides in ``compute_loss``, and the
-techniques' callbacks plus one that saves their state with every checkpoint.
+It adds four things and nothing technique-specific: the optimizer a technique asks for (through the stock
+``optimizer_cls_and_kwargs`` argument), per-batch transforms (in ``get_batch_samples``), loss overrides (in
+``compute_loss``), and the techniques' callbacks plus one that saves their state with every checkpoint.
 """
 
 from __future__ import annotations
@@ -41,18 +41,27 @@ class EffTrainer(Trainer):
         for t in self.techniques:
             t.on_trainer(self)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Per-batch transforms run here, on each micro-batch of the step, before the Trainer counts the loss
+        # denominator (num_items_in_batch) and the tokens seen: a batch that a technique shortens or re-labels is
+        # then normalised and counted as what the model really sees. Only the training loop calls this.
+        if self.techniques:
+            step = self.state.global_step
+            epoch_iterator = (self._transform(batch, step) for batch in epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def _transform(self, batch, step: int):
+        for t in self.techniques:
+            batch = t.on_batch(batch, step)
+        return batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.techniques:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training:  # batch transforms are a training-time intervention; evaluation sees the data as is
+        if self.techniques and model.training and not return_outputs:
+            default = partial(super().compute_loss, num_items_in_batch=num_items_in_batch)
             for t in self.techniques:
-                inputs = t.on_batch(inputs, self.state.global_step)
-            if not return_outputs:
-                default = partial(super().compute_loss, num_items_in_batch=num_items_in_batch)
-                for t in self.techniques:
-                    loss = t.loss(model, inputs, default)
-                    if loss is not None:
-                        return loss
+                loss = t.loss(model, inputs, default)
+                if loss is not None:
+                    return loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def train(self, resume_from_checkpoint=None, **kwargs):

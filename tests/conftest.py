@@ -55,3 +55,14 @@ def _tiny_recipe(tmp_path: Path, **sections) -> dict:
         else:
             recipe[key] = value
     return recipe
+
+
+@pytest.fixture(autouse=True)
+def _fresh_bitsandbytes_overrides():
+    """The Trainer registers 32-bit overrides in bitsandbytes' process-wide GlobalOptimManager keyed by
+    id(param); a later test's parameter can reuse such an id and silently get 32-bit state. Start clean."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        sys.modules["bitsandbytes"].optim.GlobalOptimManager.get_instance().initialize()
+    yield

@@ -11,7 +11,18 @@ Lion keeps one state tensor per parameter (AdamW keeps two), and every update ha
 element, so it wants a learning rate 3-10x smaller and a weight decay 3-10x larger than AdamW (paper, Sec. 5).
 
 Functional core: ``Lion(params, lr=..., betas=..., weight_decay=...)``, usable with any training loop or with the
-stock Trainer as ``Trainer(..., optimizer_cls_and_kwargs=(Lion, {"lr": 1e-4}))``.
+stock Trainer as ``Trainer(..., optimizer_cls_and_kwargs=(Lion, {"lr": 1e-4}))``; ``lion_hparams_from_adamw``.
+
+8-bit and paged state (``bits: 8``, ``paged: true``) come from bitsandbytes (Dettmers et al., "8-bit Optimizers via
+Block-wise Quantization", arXiv 2110.02861): the momentum ``m`` is kept as uint8 codes of a dynamic quantization
+map with one float32 absmax per block of 256 elements, i.e. about 1.016 bytes per element instead of 4 (tensors
+under ``min_8bit_size`` elements keep float32 state). The classes are ``bnb.optim.Lion`` / ``PagedLion`` with
+``optim_bits=8`` (exactly what ``Lion8bit`` / ``PagedLion8bit`` construct), the same objects the Trainer builds for
+``optim: lion_8bit``; passing ``optim_bits`` also makes the Trainer keep ``nn.Embedding`` states in 32 bits, as it
+does for its own bitsandbytes optimizers. Paged state lives in CUDA unified memory, so it needs CUDA.
+
+``from_adamw: {lr, weight_decay, factor}`` applies the paper's conversion rule (Sec. 5): ``lr = lr_AdamW / factor``
+and ``weight_decay = wd_AdamW * factor``, so the effective decay ``lr * weight_decay`` stays the same.
 """
 
 from __future__ import annotations
@@ -22,11 +33,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import TrainingArguments
 
+from ..errors import MissingDependencyError, RecipeError
 from ..registry import register_technique
-from ..technique import Technique, TechniqueConfig
+from ..technique import Env, Technique, TechniqueConfig, has_package
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +150,39 @@ def _lion_foreach(
         torch._foreach_add_(ms, gs, alpha=1 - beta2)
 
 
+# The paper's range is 3-10x (Sec. 5). We default to its low end: the smallest change from a tuned AdamW setting,
+# and the end that worked for language models (an earlier version of Sec. 5: "sometimes a learning rate that is
+# 3x smaller may perform slightly better"; lucidrains/lion-pytorch's enwik8 runs: /3 beat Adam, /10 was worst).
+DEFAULT_FROM_ADAMW_FACTOR = 3.0
+PAPER_FACTOR_RANGE = (3.0, 10.0)
+
+
+def lion_hparams_from_adamw(
+    lr: float, weight_decay: float, factor: float = DEFAULT_FROM_ADAMW_FACTOR
+) -> tuple[float, float]:
+    """Lion's ``(lr, weight_decay)`` from AdamW's by the paper's rule (Sec. 5): lr / factor, weight_decay * factor,
+    so that the effective decay ``lr * weight_decay`` is unchanged. Warns outside the paper's range of 3-10."""
+    if not factor >= 1.0:
+        raise ValueError(f"factor must be >= 1 (Lion wants a smaller lr than AdamW), got {factor}")
+    lo, hi = PAPER_FACTOR_RANGE
+    if not lo <= factor <= hi:
+        logger.warning("Lion from_adamw factor %g is outside the paper's range of %g-%g (Sec. 5).", factor, lo, hi)
+    return lr / factor, weight_decay * factor
+
+
+class FromAdamW(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    lr: float | None = Field(None, gt=0, description="AdamW learning rate to convert; default training.learning_rate.")
+    weight_decay: float | None = Field(
+        None, ge=0, description="AdamW weight decay to convert; default training.weight_decay."
+    )
+    factor: float = Field(
+        DEFAULT_FROM_ADAMW_FACTOR,
+        ge=1,
+        description="lr is divided and weight decay multiplied by this (paper: 3-10; others warn). Default 3.",
+    )
+
+
 class LionConfig(TechniqueConfig):
     name: Literal["lion"] = "lion"
     lr: float | None = Field(
@@ -148,15 +193,27 @@ class LionConfig(TechniqueConfig):
     weight_decay: float | None = Field(
         None, ge=0, description="Decoupled weight decay; overrides training.weight_decay (paper: 3-10x AdamW's)."
     )
+    from_adamw: FromAdamW | None = Field(
+        None,
+        description="Derive lr and weight_decay from AdamW settings {lr, weight_decay, factor} by the paper's rule "
+        "(lr / factor, weight_decay * factor); not together with lr or weight_decay.",
+    )
+    bits: Literal[8, 32] = Field(32, description="Momentum precision: 32 (torch Lion) or 8 (bitsandbytes block-wise).")
+    paged: bool = Field(False, description="Page the optimizer state through CUDA unified memory (bitsandbytes).")
+    min_8bit_size: int | None = Field(
+        None, ge=1, description="bits 8: tensors with fewer elements keep 32-bit state; default bitsandbytes' 4096."
+    )
     foreach: bool | None = Field(
-        None, description="Use torch._foreach_* kernels; null picks them when all parameters share one device."
+        None,
+        description="torch Lion only: use torch._foreach_* kernels; null picks them when all parameters share a "
+        "device.",
     )
 
 
 @register_technique
 class LionTechnique(Technique):
-    """Replaces the Trainer's optimizer with Lion; the Trainer still builds the decay/no-decay groups and the
-    scheduler around it."""
+    """Replaces the Trainer's optimizer with Lion (torch, or bitsandbytes for 8-bit / paged state); the Trainer still
+    builds the decay/no-decay groups and the scheduler around it."""
 
     name = "lion"
     Config = LionConfig
@@ -165,21 +222,73 @@ class LionTechnique(Technique):
     conflicts = frozenset({"optimizer"})
 
     config: LionConfig
+    _converted: dict[str, Any] | None = None  # what from_adamw chose, for report()
+
+    @classmethod
+    def status(cls) -> str:
+        return "ready" if has_package("bitsandbytes") else "ready (bits 8 / paged need bitsandbytes)"
+
+    def _check_from_adamw(self) -> None:
+        c = self.config
+        if c.from_adamw is not None:
+            for key in ("lr", "weight_decay"):
+                if getattr(c, key) is not None:
+                    raise RecipeError(key, f"set either {key} or from_adamw (which computes {key}), not both")
+
+    def validate(self, recipe: Any, env: Env) -> None:
+        c = self.config
+        self._check_from_adamw()
+        bnb = c.bits == 8 or c.paged
+        if bnb and "bitsandbytes" not in env.installed:
+            raise MissingDependencyError("bits" if c.bits == 8 else "paged", "bitsandbytes", "bnb")
+        if c.paged and not env.cuda:
+            raise RecipeError(
+                "paged", "paged optimizer state lives in CUDA unified memory and needs a CUDA GPU; set paged: false"
+            )
+        if bnb and c.foreach is not None:
+            raise RecipeError("foreach", "only used by the torch Lion (bits: 32, paged: false); remove it")
+        if c.bits == 32 and c.min_8bit_size is not None:
+            raise RecipeError("min_8bit_size", "only used with bits: 8; remove it")
 
     def training_args(self, args: TrainingArguments) -> TrainingArguments:
-        if self.config.lr is not None:
-            args.learning_rate = self.config.lr
-        if self.config.weight_decay is not None:
-            args.weight_decay = self.config.weight_decay
+        c = self.config
+        self._check_from_adamw()
+        if c.from_adamw is not None:
+            f = c.from_adamw
+            adamw_lr = f.lr if f.lr is not None else args.learning_rate
+            adamw_wd = f.weight_decay if f.weight_decay is not None else args.weight_decay
+            args.learning_rate, args.weight_decay = lion_hparams_from_adamw(adamw_lr, adamw_wd, f.factor)
+            self._converted = {
+                "from_adamw": {"lr": adamw_lr, "weight_decay": adamw_wd, "factor": f.factor},
+                "lr": args.learning_rate,
+                "weight_decay": args.weight_decay,
+            }
+        if c.lr is not None:
+            args.learning_rate = c.lr
+        if c.weight_decay is not None:
+            args.weight_decay = c.weight_decay
         return args
 
     def optimizer_cls_and_kwargs(self, args: TrainingArguments) -> tuple[type, dict[str, Any]]:
-        return Lion, {
+        c = self.config
+        kwargs: dict[str, Any] = {
             "lr": args.learning_rate,
-            "betas": (self.config.beta1, self.config.beta2),
+            "betas": (c.beta1, c.beta2),
             "weight_decay": args.weight_decay,
-            "foreach": self.config.foreach,
         }
+        if c.bits == 32 and not c.paged:
+            return Lion, {**kwargs, "foreach": c.foreach}
+        import bitsandbytes as bnb
+
+        kwargs["optim_bits"] = c.bits
+        if c.min_8bit_size is not None:
+            kwargs["min_8bit_size"] = c.min_8bit_size
+        return (bnb.optim.PagedLion if c.paged else bnb.optim.Lion), kwargs
 
     def report(self) -> dict[str, Any]:
-        return {"optimizer": "Lion", "state_tensors_per_param": 1}
+        c = self.config
+        cls = "Lion" if c.bits == 32 and not c.paged else f"bitsandbytes.optim.{'PagedLion' if c.paged else 'Lion'}"
+        out: dict[str, Any] = {"optimizer": cls, "state_bits": c.bits, "paged": c.paged, "state_tensors_per_param": 1}
+        if self._converted is not None:
+            out.update(self._converted)
+        return out

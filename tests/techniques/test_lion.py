@@ -1,5 +1,5 @@
-"""Lion (Chen et al. 2023, arXiv 2302.06675): the update against Algorithm 2, foreach == loop, state size, and
-training with the stock Trainer."""
+"""Lion (Chen et al. 2023, arXiv 2302.06675): the update against Algorithm 2, foreach == loop, state size, training
+with the stock Trainer, the from_adamw conversion rule, and 8-bit / paged state through bitsandbytes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import pydantic
 import pytest
 import torch
 
+from hf_efftrain.errors import RecipeError
+from hf_efftrain.metrics import optimizer_state_bytes
 from hf_efftrain.registry import get_technique
-from hf_efftrain.techniques.lion import Lion, LionConfig, LionTechnique
+from hf_efftrain.technique import Env
+from hf_efftrain.techniques.lion import Lion, LionConfig, LionTechnique, lion_hparams_from_adamw
 
 
 def _two_steps(weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,3 +167,182 @@ def test_trains_with_stock_trainer(tiny):
     losses = tiny.losses(trainer)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+# ---- from_adamw: the paper's conversion rule (Sec. 5) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [3.0, 10.0])
+def test_from_adamw_rule_keeps_lr_times_wd(factor):
+    lr, wd = lion_hparams_from_adamw(3e-3, 0.1, factor)
+    assert lr == pytest.approx(3e-3 / factor) and wd == pytest.approx(0.1 * factor)
+    assert lr * wd == pytest.approx(3e-3 * 0.1)  # the effective decay strength lr * wd is unchanged
+
+
+def test_from_adamw_default_factor_and_range(caplog):
+    assert lion_hparams_from_adamw(3e-3, 0.1) == pytest.approx((1e-3, 0.3))  # default factor 3
+    with caplog.at_level("WARNING", logger="hf_efftrain.techniques.lion"):
+        lion_hparams_from_adamw(3e-3, 0.1, 5.0)
+        assert not caplog.records
+        lion_hparams_from_adamw(3e-3, 0.1, 20.0)
+    assert "outside the paper's range" in caplog.text
+    with pytest.raises(ValueError):
+        lion_hparams_from_adamw(3e-3, 0.1, 0.5)
+    with pytest.raises(pydantic.ValidationError):
+        LionConfig(from_adamw={"lr": 1e-3, "factor": 0.5})
+
+
+def test_from_adamw_in_technique_and_report(tiny):
+    tech = LionTechnique(from_adamw={"lr": 3e-3, "weight_decay": 0.1, "factor": 10})
+    tech.validate(None, Env())
+    args = tech.training_args(tiny.args(learning_rate=1.0, weight_decay=0.0))
+    assert args.learning_rate == pytest.approx(3e-4) and args.weight_decay == pytest.approx(1.0)
+    assert tech.optimizer_cls_and_kwargs(args)[1]["lr"] == pytest.approx(3e-4)
+    report = tech.report()
+    assert report["from_adamw"] == {"lr": 3e-3, "weight_decay": 0.1, "factor": 10.0}
+    assert report["lr"] == pytest.approx(3e-4) and report["weight_decay"] == pytest.approx(1.0)
+
+    # Without lr / weight_decay, the recipe's own (AdamW) training settings are converted.
+    tech = LionTechnique(from_adamw={})
+    args = tech.training_args(tiny.args(learning_rate=6e-3, weight_decay=0.01))
+    assert (args.learning_rate, args.weight_decay) == pytest.approx((2e-3, 0.03))
+    assert tech.report()["from_adamw"] == {"lr": 6e-3, "weight_decay": 0.01, "factor": 3.0}
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay"])
+def test_from_adamw_with_explicit_value_is_a_recipe_error(field):
+    tech = LionTechnique(from_adamw={"lr": 1e-3}, **{field: 0.1})
+    with pytest.raises(RecipeError) as e:
+        tech.validate(None, Env())
+    assert e.value.path == field and "from_adamw" in e.value.message
+
+
+# ---- 8-bit and paged state (bitsandbytes) ------------------------------------------------------------------------
+
+BNB = Env(installed=frozenset({"bitsandbytes"}))
+
+
+@pytest.mark.parametrize(
+    "kwargs, env, path",
+    [
+        ({"paged": True}, BNB, "paged"),  # CPU: no unified memory to page into
+        ({"bits": 8}, Env(), "bits"),  # bitsandbytes missing
+        ({"bits": 8, "foreach": True}, BNB, "foreach"),
+        ({"min_8bit_size": 100}, BNB, "min_8bit_size"),
+    ],
+)
+def test_bnb_recipe_errors(kwargs, env, path):
+    with pytest.raises(RecipeError) as e:
+        LionTechnique(**kwargs).validate(None, env)
+    assert e.value.path == path
+    if path == "paged":
+        assert "CUDA" in e.value.message
+
+
+def _regression(make_opt, seed: int = 0, steps: int = 30):
+    """Linear least squares on a 64 x 128 weight (8192 elements, above bnb's min_8bit_size): the trajectory."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 64, generator=g)
+    y = x @ (torch.randn(64, 128, generator=g) / 8)
+    w = torch.nn.Parameter(torch.randn(64, 128, generator=g) * 0.1)
+    w0, opt, traj, losses = w.detach().clone(), make_opt([w]), [], []
+    for _ in range(steps):
+        idx = torch.randint(0, 512, (64,), generator=g)
+        loss = ((x[idx] @ w - y[idx]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        traj.append(w.detach().clone())
+        losses.append(loss.item())
+    return w0, traj, losses, opt
+
+
+def test_8bit_lion_tracks_32bit_lion():
+    pytest.importorskip("bitsandbytes")
+    hp = {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    cls, kwargs = LionTechnique(bits=8).optimizer_cls_and_kwargs(_args(hp))
+    assert kwargs["optim_bits"] == 8
+    w0, ref, ref_losses, _ = _regression(lambda ps: Lion(ps, **hp))
+    _, q8, q8_losses, opt = _regression(lambda ps: cls(ps, **kwargs))
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert state["state1"].dtype == torch.uint8  # the momentum really is stored in 8 bits
+
+    # Lion moves every element by exactly +-lr per step (plus decay), so 8-bit quantization of m can only change
+    # the trajectory where |c| is below m's quantization error and the sign flips (a 2*lr jump). Measured: the
+    # deviation stays ~3% of the distance travelled; we allow 10%. Changing beta1 to 0.8 or beta2 to 0.98 in the
+    # 32-bit run gives 16-20%, so the bound separates quantization noise from a different algorithm.
+    deviation = max(((a - b).norm() / (a - w0).norm()).item() for a, b in zip(ref, q8))
+    assert 0 < deviation < 0.1
+    assert max(abs(a - b) / a for a, b in zip(ref_losses, q8_losses)) < 2e-3  # measured ~3e-4
+    assert q8_losses[-1] < 0.9 * q8_losses[0]
+
+
+def test_bnb_32bit_lion_is_the_same_algorithm():
+    pytest.importorskip("bitsandbytes")
+    hp = {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    cls, kwargs = LionTechnique(bits=32).optimizer_cls_and_kwargs(_args(hp))
+    assert cls is Lion
+    import bitsandbytes as bnb
+
+    _, ref, _, _ = _regression(lambda ps: Lion(ps, **hp))
+    _, b32, _, _ = _regression(lambda ps: bnb.optim.Lion(ps, optim_bits=32, **hp))
+    for a, b in zip(ref, b32):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _args(hp):
+    from transformers import TrainingArguments
+
+    return TrainingArguments("unused", learning_rate=hp["lr"], weight_decay=hp["weight_decay"], use_cpu=True)
+
+
+def test_8bit_state_bytes_about_a_quarter():
+    pytest.importorskip("bitsandbytes")
+    n = 1024 * 1024
+    sizes = {}
+    for bits in (32, 8):
+        cls, kwargs = LionTechnique(bits=bits).optimizer_cls_and_kwargs(_args({"lr": 1e-4, "weight_decay": 0.0}))
+        p = torch.nn.Parameter(torch.zeros(1024, 1024))
+        opt = cls([p], **kwargs)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        sizes[bits] = optimizer_state_bytes(opt)
+    assert sizes[32] == 4 * n
+    # uint8 codes + one float32 absmax per 256-element block + the shared 256-entry float32 quantization map.
+    assert sizes[8] == n + 4 * (n // 256) + 256 * 4
+    assert 0.25 < sizes[8] / sizes[32] < 0.26
+
+
+def test_8bit_lion_trains_with_stock_trainer(tiny):
+    bnb = pytest.importorskip("bitsandbytes")
+    tech = LionTechnique(bits=8, lr=3e-3, weight_decay=0.1)
+    tech.validate(None, BNB)
+    args = tech.training_args(tiny.args(max_steps=8))
+    model = tiny.model()
+    trainer = tiny.train(model, args, optimizer_cls_and_kwargs=tech.optimizer_cls_and_kwargs(args))
+    opt = trainer.optimizer.optimizer
+    assert type(opt) is bnb.optim.Lion and opt.args.optim_bits == 8
+    dtypes = {name: opt.state[p]["state1"].dtype for name, p in model.named_parameters()}
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.uint8  # 8192 elements
+    assert dtypes["model.layers.0.self_attn.k_proj.weight"] == torch.float32  # 2048 < min_8bit_size
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # the Trainer keeps embeddings in 32 bits
+    losses = tiny.losses(trainer)
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert tech.report()["state_bits"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 32])
+def test_paged_lion_on_cuda(bits):
+    bnb = pytest.importorskip("bitsandbytes")
+    tech = LionTechnique(bits=bits, paged=True)
+    tech.validate(None, Env(cuda=True, installed=frozenset({"bitsandbytes"})))
+    cls, kwargs = tech.optimizer_cls_and_kwargs(_args({"lr": 1e-3, "weight_decay": 0.1}))
+    assert cls is bnb.optim.PagedLion and kwargs["optim_bits"] == bits
+    p = torch.nn.Parameter(torch.randn(512, 512, device="cuda"))  # > 1e5 elements: really paged
+    opt = cls([p], **kwargs)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert getattr(opt.state[p]["state1"], "is_paged", False)
+    assert torch.isfinite(p).all()

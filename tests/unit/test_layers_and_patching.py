@@ -66,3 +66,12 @@ def test_patch_and_undo_restore_the_original():
     assert "forward" not in vars(layer)  # the class's forward shows again, not a stored bound method
     assert torch.equal(layer(x), before) and layer.in_features == 3
     patches.undo()  # idempotent
+
+
+def test_patching_a_parameter_restores_the_parameter():
+    layer = torch.nn.Linear(3, 3)
+    weight = layer.weight
+    patch = patch_attr(layer, "weight", torch.nn.Parameter(torch.zeros(3, 3)))
+    assert torch.equal(layer.weight, torch.zeros(3, 3))
+    patch.undo()
+    assert layer.weight is weight and "weight" in dict(layer.named_parameters())

@@ -157,9 +157,6 @@ def test_optimizer_state_bytes_adamw():
 def test_optimizer_state_bytes_bnb_8bit_is_smaller():
     bnb = pytest.importorskip("bitsandbytes")
     numel = 256 * 256  # above bitsandbytes' min_8bit_size (4096), so the states really are 8-bit
-    # The Trainer registers 32-bit overrides in bnb's global manager keyed by id(param); a new param can reuse
-    # an old id, so start from a clean manager.
-    bnb.optim.GlobalOptimManager.get_instance().initialize()
 
     def stepped(cls) -> torch.optim.Optimizer:
         p = torch.nn.Parameter(torch.randn(numel))

@@ -1,0 +1,526 @@
+"""Data pruning: score every training example, optionally drop near-duplicates, keep a fraction by score.
+
+Scores (per tokenized example, computed with a batched ``Dataset.map``):
+
+- ``length``: the number of tokens.
+- ``perplexity`` (Marion et al. 2023, "When Less is More: Investigating Data Pruning for Pretraining LLMs at
+  Scale", arXiv 2309.04564): ``exp(mean_t NLL_t)`` under a reference causal LM (``reference_model``: a local model
+  folder, e.g. an earlier run's ``output_dir``), over the example's targets: its labels != -100 after the shift
+  (SFT: the response only), or all its ``input_ids`` when it has no token labels aligned with them (masked LM,
+  classification, seq2seq).
+- ``el2n`` (Paul et al. 2021, "Deep Learning on a Data Diet", arXiv 2107.07075): ``EL2N(x, y) =
+  E_w ||softmax(f_w(x)) - onehot(y)||_2``, the error-vector norm of a proxy model ``f_w`` trained for only
+  ``proxy_steps`` steps (AdamW, the run's lr and batch size unless set) from the run's own initialisation
+  (``proxy_config_overrides`` can shrink it), averaged over ``proxy_runs`` seeds. For sequence tasks the norm is
+  averaged over the example's target tokens (labels != -100, shifted like the model's loss).
+
+Selection keeps ``n_keep = max(1, floor(keep_fraction * n + 0.5))`` examples (round half up), ``n`` counted after
+deduplication: ``top`` the highest scores, ``bottom`` the lowest, ``middle`` the ``n_keep`` around the median
+(sorted ascending, starting at ``floor((n - n_keep) / 2)``), ``random`` a seeded uniform sample (the score is still
+computed, for the report). Ties go to the lower index; examples without a target token (score NaN) are kept last.
+
+Near-duplicate removal (``dedup``, before scoring): each example's token ids become the set of its token n-grams
+(``dedup_ngram`` tokens, hashed to 64 bits; a shorter example is one n-gram); two examples are duplicates when the
+Jaccard similarity of their sets is >= ``dedup_threshold``. Candidate pairs come from MinHash LSH
+(``dedup_num_perm`` hashes split into b bands of r rows, b and r minimising false positives + negatives at the
+threshold; a pair of similarity s is a candidate with probability ``1 - (1 - s^r)^b``); every candidate pair is
+verified with the exact Jaccard, so nothing below the threshold is removed. Duplicates are grouped into connected
+components and each component keeps its lowest index.
+
+Scoring runs ``Dataset.map(batched=True, new_fingerprint=<from the key>)``, so datasets' own cache files are reused
+when the data has them. Scores are saved in ``output_dir/data_pruning/scores.{json,npz}``, keyed by the source
+dataset's fingerprint and the scoring settings; a later run with the same key reuses them (no reference model
+loaded, no proxy trained). The kept indices go to ``kept_indices.json``. Scoring saves and restores every RNG, so
+the run's model initialisation does not depend on whether the scores were computed or reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..errors import RecipeError
+from ..registry import register_technique
+from ..technique import Technique, TechniqueConfig
+from .selective_backprop import loss_shifts_labels, per_example_loss
+
+logger = logging.getLogger(__name__)
+
+SCORES = ("length", "perplexity", "el2n", "none")
+DEFAULT_STRATEGY = {"length": "top", "perplexity": "middle", "el2n": "top", "none": "top"}
+# How often the expensive work ran in this process (tests check that a second run reuses the saved scores).
+COUNTERS = {"scorings": 0, "reference_model_loads": 0, "proxy_trainings": 0}
+
+
+# ---- selection ------------------------------------------------------------------------------------------------
+def keep_count(n: int, keep_fraction: float) -> int:
+    """``max(1, floor(keep_fraction * n + 0.5))``, at most n (round half up)."""
+    return min(n, max(1, math.floor(keep_fraction * n + 0.5)))
+
+
+def select_indices(scores: np.ndarray, keep_fraction: float, strategy: str, seed: int = 0) -> np.ndarray:
+    """Sorted positions of the examples to keep."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n, n_keep = len(scores), keep_count(len(scores), keep_fraction)
+    if strategy == "random":
+        return np.sort(np.random.default_rng(seed).permutation(n)[:n_keep])
+    valid = np.flatnonzero(~np.isnan(scores))
+    key = scores[valid] if strategy != "top" else -scores[valid]
+    order = valid[np.argsort(key, kind="stable")]  # stable: ties keep the lower index first
+    if strategy == "middle":
+        start = (len(order) - min(n_keep, len(order))) // 2
+        order = np.concatenate([order[start:], order[:start]])
+    order = np.concatenate([order, np.flatnonzero(np.isnan(scores))])
+    return np.sort(order[:n_keep])
+
+
+def el2n_from_logits(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(el2n, targets)``: ``||softmax(logits) - onehot(y)||_2`` averaged over each example's targets."""
+    if logits.dim() == 2:  # classification: one "token" per example
+        logits, labels = logits[:, None], labels[:, None]
+    elif shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    p = torch.softmax(logits.float(), dim=-1)
+    valid = labels != -100
+    p_y = p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # ||p - e_y||^2 = sum_k p_k^2 - 2 p_y + 1
+    norm = ((p * p).sum(-1) - 2 * p_y + 1).clamp(min=0).sqrt()
+    targets = valid.sum(1).float()
+    return (norm * valid).sum(1) / targets.clamp(min=1), targets
+
+
+# ---- near-duplicates: token n-gram Jaccard, MinHash LSH candidates, exact verification -------------------------
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: well-spread 64-bit hashes of 64-bit keys (uint64 array arithmetic wraps)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shingles(ids: list[int], n: int) -> np.ndarray:
+    """Sorted unique 64-bit hashes of the token n-grams of ``ids`` (one n-gram if shorter than n)."""
+    a = np.asarray(ids, dtype=np.uint64)
+    n = max(1, min(n, len(a)))
+    m = max(1, len(a) - n + 1)
+    h = np.zeros(m, dtype=np.uint64)
+    for j in range(min(n, len(a))):
+        h = _mix(h ^ a[j : j + m])  # chained: the hash depends on the tokens' order
+    return np.unique(h)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Bands b and rows r (b * r <= num_perm) minimising the false-positive plus false-negative area of the
+    candidate probability ``1 - (1 - s^r)^b`` around ``threshold`` (equal weights)."""
+    s = np.linspace(0, 1, 1001)
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            p = 1 - (1 - s**r) ** b
+            err = (p[s < threshold].sum() + (1 - p[s >= threshold]).sum()) / len(s)
+            if err < best_err:
+                best, best_err = (b, r), err
+    return best
+
+
+def near_duplicates(rows: list[list[int]], threshold: float, ngram: int = 5, num_perm: int = 128) -> np.ndarray:
+    """Boolean keep-mask: False for every example in a group of near-duplicates except the group's first."""
+    sets = [shingles(r, ngram) for r in rows]
+    seeds = _mix(np.arange(1, num_perm + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    sigs = np.stack([_mix(s[None, :] ^ seeds[:, None]).min(axis=1) for s in sets]) if sets else None
+    bands, r = lsh_params(threshold, num_perm)
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for band in range(bands if sets else 0):
+        buckets: dict[bytes, list[int]] = {}
+        for i, sig in enumerate(sigs[:, band * r : (band + 1) * r]):
+            buckets.setdefault(sig.tobytes(), []).append(i)
+        for members in buckets.values():
+            for x, i in enumerate(members):
+                for j in members[x + 1 :]:
+                    a, b = find(i), find(j)
+                    if a != b and jaccard(sets[i], sets[j]) >= threshold:
+                        parent[max(a, b)] = min(a, b)  # the root is the group's lowest index
+    return np.array([find(i) == i for i in range(len(rows))], dtype=bool)
+
+
+# ---- scoring functions (Dataset.map, batched) ------------------------------------------------------------------
+def _targets(batch: dict[str, list]) -> list[list[int]]:
+    """Token labels where they are aligned with the input ids (causal LM, SFT), else the input ids themselves."""
+    labels = batch.get("labels") or [None] * len(batch["input_ids"])
+    return [t if isinstance(t, list) and len(t) == len(i) else i for t, i in zip(labels, batch["input_ids"])]
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def length_batch(batch: dict[str, list]) -> dict[str, list]:
+    return {"score": [float(len(r)) for r in batch["input_ids"]]}
+
+
+def perplexity_batch(batch: dict[str, list], model: torch.nn.Module, device: torch.device) -> dict[str, list]:
+    """Per-example perplexity under ``model`` (right-padded, no grad); NaN without a target token."""
+    ids, targets = batch["input_ids"], _targets(batch)
+    input_ids = _pad(ids, 0).to(device)
+    mask = _pad([[1] * len(r) for r in ids], 0).to(device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        nll, n = per_example_loss(logits, _pad(targets, -100).to(device), loss_shifts_labels(model))
+    ppl = torch.where(n > 0, nll.double().exp(), torch.full_like(nll.double(), float("nan")))
+    return {"score": ppl.cpu().tolist()}
+
+
+def el2n_batch(batch: dict[str, list], model: torch.nn.Module, collator: Any, device: torch.device) -> dict:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    inputs = {k: v.to(device) for k, v in collator(rows).items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        score, n = el2n_from_logits(logits, inputs["labels"], loss_shifts_labels(model))
+    return {"score": torch.where(n > 0, score, torch.full_like(score, float("nan"))).cpu().tolist()}
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Scoring must not change what the run draws next (its model init, data order)."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class DataPruningConfig(TechniqueConfig):
+    name: Literal["data_pruning"] = "data_pruning"
+    score: Literal[SCORES] = Field(
+        description="length (tokens), perplexity (under reference_model), el2n (proxy run), none (dedup only)"
+    )
+    keep_fraction: float = Field(0.5, gt=0, le=1, description="Share of examples kept (after dedup; round half up).")
+    strategy: Literal["top", "bottom", "middle", "random"] | None = Field(
+        None,
+        description="Which scores to keep; default per score: el2n top (Paul et al.), perplexity middle "
+        "(Marion et al.), length top.",
+    )
+    seed: int | None = Field(None, description="Seed of the random strategy and the el2n proxy; default training.seed")
+    reference_model: str | None = Field(
+        None,
+        description="perplexity: a local causal-LM folder (save_pretrained output or an earlier run's output_dir)",
+    )
+    batch_size: int = Field(16, ge=1, le=65536, description="Examples per forward pass when scoring.")
+    proxy_steps: int = Field(50, ge=1, le=1_000_000, description="el2n: training steps of each proxy model.")
+    proxy_runs: int = Field(1, ge=1, le=16, description="el2n: proxy models (seeds seed..seed+k-1) averaged.")
+    proxy_learning_rate: float | None = Field(None, gt=0, description="el2n: proxy lr; default training.learning_rate")
+    proxy_batch_size: int | None = Field(
+        None, ge=1, description="el2n: proxy batch size; default training.per_device_train_batch_size"
+    )
+    proxy_config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="el2n: model config fields changed for the proxy, e.g. num_hidden_layers"
+    )
+    dedup: bool = Field(False, description="Remove near-duplicates (token n-gram Jaccard, MinHash LSH) first.")
+    dedup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at which two are duplicates.")
+    dedup_ngram: int = Field(5, ge=1, le=64, description="Tokens per n-gram shingle.")
+    dedup_num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations (more: fewer misses).")
+    reuse_scores: bool = Field(True, description="Reuse scores saved in output_dir/data_pruning with the same key.")
+
+
+@register_technique
+class DataPruningTechnique(Technique):
+    """Prunes the tokenized training set in ``on_dataset`` (under main_process_first: rank 0 scores and saves,
+    the other ranks reuse the saved scores)."""
+
+    name = "data_pruning"
+    Config = DataPruningConfig
+    survey_section = "Data efficiency / Data pruning"
+    paper = (
+        'Marion et al. 2023, "When Less is More: Investigating Data Pruning for Pretraining LLMs at Scale", '
+        'arXiv 2309.04564; Paul et al. 2021, "Deep Learning on a Data Diet", arXiv 2107.07075'
+    )
+
+    config: DataPruningConfig
+
+    def __init__(self, config: TechniqueConfig | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.recipe: Any = None
+        self.output_dir: Path | None = None
+        self.seed = self.config.seed if self.config.seed is not None else 42
+        self.strategy = self.config.strategy or DEFAULT_STRATEGY[self.config.score]
+        self.facts: dict[str, Any] = {}
+        self.kept_indices: np.ndarray | None = None  # positions in the dataset given to on_dataset
+        self.path = ""  # "techniques[i]", for errors raised in on_dataset
+
+    def validate(self, recipe: Any, env: Any) -> None:
+        c = self.config
+        self.recipe, self.output_dir = recipe, Path(recipe.output_dir) / "data_pruning"
+        self.path = f"techniques[{recipe.technique_names().index(self.name)}]"
+        if c.seed is None:
+            self.seed = int(recipe.training.get("seed", 42))
+        if c.score == "perplexity":
+            if not c.reference_model:
+                raise RecipeError("reference_model", "score: perplexity needs a local causal-LM folder")
+            if not (Path(c.reference_model) / "config.json").is_file():
+                raise RecipeError("reference_model", f"no model folder (config.json) at {c.reference_model!r}")
+        elif c.reference_model:
+            raise RecipeError("reference_model", "only used by score: perplexity")
+        if c.score == "none" and (c.keep_fraction < 1 or not c.dedup):
+            raise RecipeError("score", "score: none only deduplicates: set dedup: true and keep_fraction: 1.0")
+        if c.score == "el2n" and recipe.model.task == "masked_lm":
+            raise RecipeError("score", "el2n needs labels in the data; masked_lm has none (use length or perplexity)")
+
+    # ---- the hook -------------------------------------------------------------------------------------------
+    def on_dataset(self, dataset: Any, tokenizer: Any) -> Any:
+        c = self.config
+        n_before = len(dataset)
+        source = getattr(dataset, "_fingerprint", None) or _hash(dataset["input_ids"])
+        scoring = c.model_dump(exclude={"keep_fraction", "strategy", "reuse_scores", "seed"})
+        seed = self.seed if c.score == "el2n" else None  # the random strategy's seed needs no new scores
+        key = _hash(source, n_before, scoring, seed, _model_files(c.reference_model), self._model_id())
+        # Other ranks always take rank 0's fresh scores (main_process_first): every rank must keep the same rows.
+        cached = self._load(key) if c.reuse_scores or not _is_main() else None
+        self.facts = {"scores_reused": cached is not None, "cache_key": key}
+        if cached is not None:
+            candidates, scores = cached
+        else:
+            with preserved_rng():
+                candidates = np.arange(n_before)
+                if c.dedup:
+                    keep = near_duplicates(dataset["input_ids"], c.dedup_threshold, c.dedup_ngram, c.dedup_num_perm)
+                    candidates = np.flatnonzero(keep)
+                scoped = dataset if len(candidates) == n_before else dataset.select(candidates)
+                scores = self._score(scoped, tokenizer, _hash(key, "score"))
+            self._save(key, source, candidates, scores)
+        kept = candidates[select_indices(scores, c.keep_fraction, self.strategy, self.seed)]
+        self.kept_indices = kept
+        self._save_kept(kept)
+        finite = scores[~np.isnan(scores)]
+        kept_scores = scores[np.isin(candidates, kept)]
+        self.facts.update(
+            examples_before=n_before,
+            examples_after_dedup=len(candidates),
+            duplicates_removed=n_before - len(candidates),
+            examples_after=len(kept),
+            score=c.score,
+            strategy=self.strategy,
+            keep_fraction=c.keep_fraction,
+            rounding="n_keep = max(1, floor(keep_fraction * n_after_dedup + 0.5))",
+            score_stats=_stats(finite),
+            kept_score_stats=_stats(kept_scores[~np.isnan(kept_scores)]),
+            scores_path=str(self.output_dir / "scores.npz") if self.output_dir else None,
+        )
+        logger.info("data_pruning: %d -> %d examples (%s, %s)", n_before, len(kept), c.score, self.strategy)
+        return dataset.select(kept.tolist())
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.facts)
+
+    def _error(self, field: str, message: str) -> RecipeError:
+        """Errors found after validate (in on_dataset) carry the full recipe path themselves."""
+        return RecipeError(f"{self.path}.{field}" if self.path else field, message)
+
+    # ---- scoring --------------------------------------------------------------------------------------------
+    def _score(self, dataset: Any, tokenizer: Any, fingerprint: str) -> np.ndarray:
+        c = self.config
+        COUNTERS["scorings"] += 1
+        if c.score in ("length", "none"):
+            return _map(dataset, length_batch, 1000, fingerprint)
+        device = _device()
+        if c.score == "perplexity":
+            model = self._reference_model(dataset, device)
+            scores = _map(dataset, perplexity_batch, c.batch_size, fingerprint, model=model, device=device)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the run's own model is loaded next
+            return scores
+        runs = []
+        for r in range(c.proxy_runs):
+            model, collator = self._proxy(dataset, tokenizer, self.seed + r, device)
+            kwargs = {"model": model, "collator": collator, "device": device}
+            runs.append(_map(dataset, el2n_batch, c.batch_size, f"{fingerprint}{r}", **kwargs))
+        return np.mean(runs, axis=0)
+
+    def _reference_model(self, dataset: Any, device: torch.device) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        COUNTERS["reference_model_loads"] += 1
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.config.reference_model)
+        except Exception as e:
+            raise self._error(
+                "reference_model", f"cannot load a causal LM from it ({type(e).__name__}: {e})"
+            ) from None
+        vocab = model.get_input_embeddings().num_embeddings
+        top = max(max(r) for r in dataset["input_ids"])
+        if top >= vocab:
+            raise self._error("reference_model", f"its vocabulary ({vocab}) lacks token id {top}: other tokenizer?")
+        return model.to(device).eval()
+
+    def _model_id(self) -> Any:
+        if self.recipe is None or self.config.score != "el2n":
+            return None
+        m, t = self.recipe.model, self.recipe.training
+        return [m.model_dump(mode="json"), t.get("learning_rate"), t.get("per_device_train_batch_size")]
+
+    def _proxy(self, dataset: Any, tokenizer: Any, seed: int, device: torch.device) -> tuple[Any, Any]:
+        """A fresh copy of the run's model (same config and init), trained ``proxy_steps`` steps."""
+        import transformers
+
+        from ..build import load_config, load_model
+        from ..data import make_collator
+
+        if self.recipe is None:
+            raise self._error("score", "el2n needs validate(recipe, env) first (the model to train a proxy of)")
+        c, recipe = self.config, self.recipe
+        COUNTERS["proxy_trainings"] += 1
+        config = load_config(recipe, tokenizer)
+        task = _task(recipe, dataset, config)
+        if task == "masked_lm":
+            raise self._error("score", "el2n needs labels in the data; masked_lm has none (use length or perplexity)")
+        if task == "classification":
+            config.num_labels = recipe.model.num_labels or int(max(dataset["labels"])) + 1
+            config.pad_token_id = tokenizer.pad_token_id
+        for k, v in c.proxy_config_overrides.items():
+            if not hasattr(config, k):
+                raise self._error(f"proxy_config_overrides.{k}", f"not a field of {type(config).__name__}")
+            setattr(config, k, v)
+        kwargs = {"attn_implementation": recipe.model.attn_implementation} if recipe.model.attn_implementation else {}
+        transformers.set_seed(seed)
+        model = load_model(recipe, config, task, kwargs).to(device).train()
+        collator = make_collator(task, tokenizer, model)
+        lr = c.proxy_learning_rate or float(recipe.training.get("learning_rate", 5e-5))
+        bs = c.proxy_batch_size or int(recipe.training.get("per_device_train_batch_size", 8))
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        rows = dataset.select_columns(
+            [k for k in ("input_ids", "attention_mask", "labels") if k in dataset.column_names]
+        )
+        g, order = torch.Generator().manual_seed(seed), []
+        for _ in range(c.proxy_steps):
+            if len(order) < min(bs, len(rows)):  # epochs of seeded permutations
+                order += torch.randperm(len(rows), generator=g).tolist()
+            idx, order = order[:bs], order[bs:]
+            batch = {k: v.to(device) for k, v in collator([rows[i] for i in idx]).items()}
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model.eval(), collator
+
+    # ---- persistence ----------------------------------------------------------------------------------------
+    def _load(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.output_dir is None:
+            return None
+        meta, arrays = self.output_dir / "scores.json", self.output_dir / "scores.npz"
+        try:
+            if json.loads(meta.read_text())["key"] != key:
+                return None
+            with np.load(arrays) as z:
+                return z["candidates"], z["scores"]
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def _save(self, key: str, source: str, candidates: np.ndarray, scores: np.ndarray) -> None:
+        if self.output_dir is None or not _is_main():
+            return
+        from ..cache import write_json_atomic
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / f".scores.{os.getpid()}.npz"
+        np.savez(tmp, candidates=candidates, scores=scores)
+        os.replace(tmp, self.output_dir / "scores.npz")
+        write_json_atomic(  # written last: its key makes the npz valid
+            self.output_dir / "scores.json",
+            {
+                "key": key,
+                "source_fingerprint": source,
+                "examples": int(len(scores)),
+                "config": self.config.model_dump(),
+            },
+        )
+
+    def _save_kept(self, kept: np.ndarray) -> None:
+        if self.output_dir is None or not _is_main():
+            return
+        from ..cache import write_json_atomic
+
+        write_json_atomic(
+            self.output_dir / "kept_indices.json",
+            {"strategy": self.strategy, "keep_fraction": self.config.keep_fraction, "indices": kept.tolist()},
+        )
+
+
+def _map(dataset: Any, fn: Any, batch_size: int, fingerprint: str, **fn_kwargs: Any) -> np.ndarray:
+    """Batched ``Dataset.map`` with a fingerprint of our own (models do not hash), so datasets' cache files are
+    reused when the dataset has them."""
+    out = dataset.map(
+        fn,
+        batched=True,
+        fn_kwargs=fn_kwargs,
+        batch_size=batch_size,
+        remove_columns=dataset.column_names,
+        new_fingerprint=fingerprint,
+        desc="data_pruning: score",
+    )
+    return np.asarray(out["score"], dtype=np.float64)
+
+
+def _task(recipe: Any, dataset: Any, config: Any) -> str:
+    if recipe.model.task != "auto":
+        return "causal_lm" if recipe.model.task == "sft" else recipe.model.task
+    if "labels" not in dataset.column_names:
+        return "masked_lm"
+    if isinstance(dataset[0]["labels"], list):
+        return "seq2seq" if config.is_encoder_decoder else "causal_lm"
+    return "classification"
+
+
+def _stats(x: np.ndarray) -> dict[str, float] | None:
+    if len(x) == 0:
+        return None
+    return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "median": float(np.median(x))}
+
+
+def _model_files(path: str | None) -> Any:
+    """Identity of a reference model: its folder and its weight files' names and modification times."""
+    if not path:
+        return None
+    p = Path(path)
+    return [str(p.resolve()), [(f.name, f.stat().st_mtime_ns) for f in sorted(p.glob("*.safetensors"))]]
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

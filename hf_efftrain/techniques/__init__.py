@@ -4,6 +4,8 @@ from . import (  # noqa: F401
     attention,
     bf16,
     data_pruning,
+    deepnorm,
+    fixup,
     fp16,
     gradient_checkpointing,
     lamb,
@@ -17,6 +19,7 @@ from . import (  # noqa: F401
     selective_backprop,
     seqlen_warmup,
     sparse_training,
+    t_fixup,
     token_dropping,
     token_masking,
 )

@@ -185,7 +185,7 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
         eval_raw = data_mod.load_source(recipe.data.eval, "data.eval") if recipe.data.eval else None
         train_split = raw["train"]
         eval_split = (eval_raw or {}).get("train") if eval_raw else raw.get("validation")
-        cols = data_mod.task_columns(task, recipe.data)
+        cols = data_mod.task_columns(task, recipe.data, train_split.column_names)
         data_mod.require_columns(train_split, cols, recipe.data.train)
         if task == "classification":
             splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field)

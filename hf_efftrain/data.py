@@ -75,7 +75,12 @@ def require_columns(dataset, columns: dict[str, str], source: str) -> None:
             raise RecipeError(field, f"column {column!r} not in {source} (columns: {', '.join(dataset.column_names)})")
 
 
-def task_columns(task: str, data_cfg) -> dict[str, str]:
+def task_columns(task: str, data_cfg, columns: list[str] | None = None) -> dict[str, str]:
+    """Recipe field path -> column that ``task`` needs. A seq2seq source with only a text column is plain text
+    (input = target), for denoising objectives that build their own targets (token_masking's span mode)."""
+    if task == "seq2seq" and columns is not None and data_cfg.prompt_field not in columns:
+        if data_cfg.text_field in columns:
+            return {"data.text_field": data_cfg.text_field}
     if task in ("sft", "seq2seq"):
         return {"data.prompt_field": data_cfg.prompt_field, "data.response_field": data_cfg.response_field}
     if task == "classification":
@@ -141,12 +146,9 @@ def _sft(batch, tok, cfg):
 
 
 def _seq2seq(batch, tok, cfg):
-    inputs = [
-        _wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[cfg.prompt_field], cfg.max_length)
-    ]
-    labels = [
-        _wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[cfg.response_field], cfg.max_length)
-    ]
+    source, target = (cfg.prompt_field, cfg.response_field) if cfg.prompt_field in batch else (cfg.text_field,) * 2
+    inputs = [_wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[source], cfg.max_length)]
+    labels = [_wrap(i, None, tok.eos_token_id, cfg.max_length) for i in _ids(tok, batch[target], cfg.max_length)]
     return {"input_ids": inputs, "attention_mask": [[1] * len(r) for r in inputs], "labels": labels}
 
 

@@ -24,9 +24,9 @@ with a seed taken from their content, so each evaluation sees the same masks) an
 training batch from its recovered original with the counter-seeded generator, so a resumed run draws exactly the
 masks the uninterrupted run would have, whatever the dataloader prefetched.
 
-Span mode on a text-only dataset: ``build.infer_task`` needs prompt/response columns for seq2seq, so a recipe sets
-``data.prompt_field`` and ``data.response_field`` to the text column (both sides are the text; the targets are
-rebuilt here). Functional core: ``mlm_mask``, ``span_corrupt``, ``span_reconstruct``, ``TokenMasker``,
+Span mode on a text-only dataset: a seq2seq model on data with only ``data.text_field`` gets rows whose input and
+target are both the text (``data.task_columns``); the targets are rebuilt here.
+Functional core: ``mlm_mask``, ``span_corrupt``, ``span_reconstruct``, ``TokenMasker``,
 ``MaskingCollator`` (the latter two work with the stock Trainer).
 """
 

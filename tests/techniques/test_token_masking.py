@@ -205,9 +205,7 @@ def test_efftrainer_span_on_tiny_t5(tiny_recipe):
             "max_train_samples": 16,
             "max_eval_samples": 8,
             "max_length": 32,
-            "prompt_field": "text",
-            "response_field": "text",
-        },  # text-only data: both sides are the text, the targets are rebuilt
+        },  # text-only data for a seq2seq model: input = target = the text; span masking rebuilds both
         training={"max_steps": 2, "per_device_train_batch_size": 4},
         techniques=[{"name": "token_masking", "mode": "span"}],
     )

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from hf_efftrain import Recipe
 from hf_efftrain.build import build
@@ -61,13 +61,7 @@ def run_variant(name: str, steps: int, out: Path) -> dict:
     techniques = [{"name": "lion", "lr": 3e-4, "weight_decay": 0.1}] if name == "efftrainer_lion" else []
     built = build(recipe(steps, out / name, techniques))
     if name == "plain_trainer":  # the stock Trainer, no hf_efftrain code in the loop; only data prep shared
-        trainer = Trainer(
-            model=built.model,
-            args=built.args,
-            train_dataset=built.train_dataset,
-            data_collator=built.collator,
-            processing_class=built.tokenizer,
-        )
+        trainer = built.plain_trainer()
     else:
         trainer = built.trainer
     timer = StepTimer()

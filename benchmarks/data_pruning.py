@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from hf_efftrain import Recipe
 from hf_efftrain.build import build
@@ -85,14 +85,7 @@ def run(name: str, recipe: Recipe, plain: bool = False, budget_s: float | None =
     built = build(recipe)
     build_s = time.perf_counter() - t0
     if plain:  # the stock Trainer, no hf_efftrain code in the loop; only data prep shared
-        trainer = Trainer(
-            model=built.model,
-            args=built.args,
-            train_dataset=built.train_dataset,
-            eval_dataset=built.eval_dataset,
-            data_collator=built.collator,
-            processing_class=built.tokenizer,
-        )
+        trainer = built.plain_trainer()
     else:
         trainer = built.trainer
     clock = Clock(budget_s)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from hf_efftrain import Recipe
 from hf_efftrain.build import build
@@ -167,13 +167,7 @@ def eval_loss(model: torch.nn.Module, dataset: Any, collator: Any, batch_size: i
 def run_variant(v: Variant, s: Settings, out: Path) -> dict[str, Any]:
     built = build(recipe(s, out / v.name.replace(" ", "_"), [] if v.plain_trainer else v.techniques(s)))
     if v.plain_trainer:
-        trainer = Trainer(
-            model=built.model,
-            args=built.args,
-            train_dataset=built.train_dataset,
-            data_collator=built.collator,
-            processing_class=built.tokenizer,
-        )
+        trainer = built.plain_trainer()
     else:
         trainer = built.trainer
     meter = Meter(built.model, built.tokenizer.pad_token_id, s.budget_s)

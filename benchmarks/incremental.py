@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from hf_efftrain import Recipe
 from hf_efftrain.build import build
@@ -112,14 +112,7 @@ class Clock(TrainerCallback):
 def run(name: str, techniques: list[dict], steps: int, eval_every: int, quick: bool, tmp: Path) -> dict:
     built = build(recipe(tmp / name, steps, eval_every, quick, techniques))
     if name == "baseline":  # the stock Trainer; only data preparation is shared
-        trainer = Trainer(
-            model=built.model,
-            args=built.args,
-            train_dataset=built.train_dataset,
-            eval_dataset=built.eval_dataset,
-            data_collator=built.collator,
-            processing_class=built.tokenizer,
-        )
+        trainer = built.plain_trainer()
     else:
         trainer = built.trainer
     clock = Clock()

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from core_overhead import StepTimer  # the sibling benchmark (a script's folder is on sys.path)
-from transformers import Trainer
 
 from hf_efftrain import Recipe
 from hf_efftrain.build import build
@@ -74,13 +73,7 @@ def _unwrap(optimizer: Any) -> Any:
 def run_variant(name: str, steps: int, warmup: int, out: Path) -> dict[str, Any]:
     built = build(recipe(steps, out / name.replace(" ", "_"), VARIANTS[name]))
     if name == BASELINE:  # the stock Trainer, no hf_efftrain code in the loop; only data prep shared
-        trainer = Trainer(
-            model=built.model,
-            args=built.args,
-            train_dataset=built.train_dataset,
-            data_collator=built.collator,
-            processing_class=built.tokenizer,
-        )
+        trainer = built.plain_trainer()
     else:
         trainer = built.trainer
     timer = StepTimer()

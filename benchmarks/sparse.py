@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from core_overhead import StepTimer  # the sibling benchmark (a script's folder is on sys.path)
-from transformers import Trainer
 
 from hf_efftrain import Recipe
 from hf_efftrain.build import build
@@ -79,14 +78,7 @@ def recipe(a: argparse.Namespace, out: Path, techniques: list[dict[str, Any]]) -
 def run_variant(name: str, techniques: list[dict[str, Any]], a: argparse.Namespace, out: Path) -> dict[str, Any]:
     built = build(recipe(a, out / name.replace(" ", "_").replace(":", "-").replace("%", ""), techniques))
     if name == BASELINE:  # the stock Trainer, no hf_efftrain code in the loop; only data prep shared
-        trainer = Trainer(
-            model=built.model,
-            args=built.args,
-            train_dataset=built.train_dataset,
-            eval_dataset=built.eval_dataset,
-            data_collator=built.collator,
-            processing_class=built.tokenizer,
-        )
+        trainer = built.plain_trainer()
     else:
         trainer = built.trainer
     timer = StepTimer()

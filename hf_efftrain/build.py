@@ -51,6 +51,20 @@ class Built:
     args: Any
     trainer: Any
 
+    def plain_trainer(self):
+        """The stock ``transformers.Trainer`` on the same model, data and arguments, with no hf_efftrain code in
+        the loop: the baseline every benchmark compares against."""
+        from transformers import Trainer
+
+        return Trainer(
+            model=self.model,
+            args=self.args,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            data_collator=self.collator,
+            processing_class=self.tokenizer,
+        )
+
 
 def make_techniques(recipe: Recipe, env: Env | None = None) -> list[Technique]:
     """Instantiate, check requires/conflicts, run each ``validate``; sorted by ``order``."""

@@ -23,8 +23,11 @@ Per architecture (registered residual policies keyed by the HF block class; proj
 - Pre-LN decoders (Llama, Mistral, Qwen2, Qwen3, GPT-2): converted to post-LN. The block's forward becomes
   ``h = norm1(alpha x + attn(x)); out = norm2(alpha h + mlp(h))`` with the block's own norms (RMSNorm for Llama), and
   the final norm of the body is removed (post-LN output is already normalized, as in DeepNet).
-- Other architectures (T5, BART, ...) get a RecipeError naming the supported ones; ``deepnorm_constants`` covers the
-  encoder-decoder setting for them.
+- T5 (pre-LN, RMS norm, encoder-decoder): each sublayer (self-attention, cross-attention, FFN) becomes
+  ``LN(alpha x + dropout(f(x)))`` with its own norm, and both stacks' final norms are removed.
+- BART (post-LN encoder-decoder): the layer's forward is the stock one with every residual multiplied by alpha.
+- Encoder-decoder models use the paper's encoder-decoder constants (N encoder and M decoder layers).
+- Other architectures get a RecipeError naming the supported ones.
 
 All changes to the forward pass are instance patches with one undo handle; weights are not restored. The patches are
 not saved with the model: re-apply ``apply_deepnorm(model, reinit=False)`` after loading a checkpoint.
@@ -135,8 +138,56 @@ def _gpt2_post_ln(block: nn.Module, alpha: float) -> Patches:
     return Patches([patch_attr(block, "forward", forward)])
 
 
+def _t5_post_ln(block: nn.Module, alpha: float) -> Patches:
+    # T5LayerSelfAttention / T5LayerCrossAttention: (h, ...) -> (h + dropout(attn(norm(h))), position_bias, weights)
+    def attention(sub: nn.Module, attn: nn.Module) -> Callable[..., tuple]:
+        def forward(*args: Any, **kwargs: Any) -> tuple:
+            a = _bind(sub, args, kwargs)
+            h = a.pop("hidden_states")
+            a["mask"] = a.pop("attention_mask", None)  # T5Attention's name for it
+            out, *rest = attn(h, **a)
+            return (sub.layer_norm(alpha * h + sub.dropout(out)), *rest)
+
+        return forward
+
+    patches = Patches()
+    for sub in block.layer:
+        if hasattr(sub, "DenseReluDense"):  # T5LayerFF: h -> h + dropout(ff(norm(h)))
+            ff = lambda h, _s=sub: _s.layer_norm(alpha * h + _s.dropout(_s.DenseReluDense(h)))  # noqa: E731
+            patches.add(patch_attr(sub, "forward", ff))
+        else:
+            attn = getattr(sub, "SelfAttention", None) or sub.EncDecAttention
+            patches.add(patch_attr(sub, "forward", attention(sub, attn)))
+    return patches
+
+
+def _bart_post_ln(layer: nn.Module, alpha: float) -> Patches:
+    """BartEncoderLayer / BartDecoderLayer's forward with each residual scaled by alpha (already post-LN)."""
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        a = _bind(layer, args, kwargs)
+        x = a.pop("hidden_states")
+        enc, enc_mask = a.pop("encoder_hidden_states", None), a.pop("encoder_attention_mask", None)
+        a.pop("use_cache", None)
+
+        def drop(t: torch.Tensor, p: float = layer.dropout) -> torch.Tensor:
+            return nn.functional.dropout(t, p=p, training=layer.training)
+
+        x = layer.self_attn_layer_norm(alpha * x + drop(layer.self_attn(x, **a)[0]))
+        if enc is not None:
+            a["attention_mask"] = enc_mask
+            x = layer.encoder_attn_layer_norm(alpha * x + drop(layer.encoder_attn(x, key_value_states=enc, **a)[0]))
+        h = layer.fc2(drop(layer.activation_fn(layer.fc1(x)), layer.activation_dropout))
+        return layer.final_layer_norm(alpha * x + drop(h))
+
+    return Patches([patch_attr(layer, "forward", forward)])
+
+
 for _name in ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer"):
     register_deepnorm_policy(_name, _bert_post_ln, converts=False)
+register_deepnorm_policy("T5Block", _t5_post_ln, converts=True)
+for _name in ("BartEncoderLayer", "BartDecoderLayer"):
+    register_deepnorm_policy(_name, _bart_post_ln, converts=False)
 for _name in ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"):
     register_deepnorm_policy(_name, _llama_post_ln, converts=True)
 register_deepnorm_policy("GPT2Block", _gpt2_post_ln, converts=True)

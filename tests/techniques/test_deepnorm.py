@@ -10,7 +10,16 @@ import pydantic
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from hf_efftrain import Recipe, RecipeError
 from hf_efftrain.build import build, make_techniques
@@ -135,14 +144,112 @@ def test_init_is_xavier_normal_with_gain_beta():
         assert sum(stds[key]) / 8 == pytest.approx(beta, rel=0.03), key
 
 
-def test_unsupported_architecture_is_a_recipe_error_at_validate(tiny_recipe):
+def _t5(n=3, m=2):
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=96,
+        d_model=D,
+        d_kv=8,
+        d_ff=64,
+        num_layers=n,
+        num_decoder_layers=m,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def test_t5_sublayers_are_converted_to_post_ln_with_the_encoder_decoder_constants():
+    model = _t5()
+    final_norms = model.encoder.final_layer_norm, model.decoder.final_layer_norm
+    patches = apply_deepnorm(model, generator=torch.Generator().manual_seed(0))
+    c = deepnorm_constants(n_encoder=3, n_decoder=2)
+    x, enc = torch.randn(2, 5, D), torch.randn(2, 7, D)
+    with torch.no_grad():
+        for role, block in (("encoder", model.encoder.block[1]), ("decoder", model.decoder.block[0])):
+            alpha = c[role][0]
+            sa = block.layer[0]
+            attn, *_ = sa.SelfAttention(x)
+            h = sa.layer_norm(alpha * x + attn)
+            torch.testing.assert_close(sa(x)[0], h)
+            if role == "decoder":
+                ca = block.layer[1]
+                cross, *_ = ca.EncDecAttention(h, key_value_states=enc)
+                torch.testing.assert_close(ca(h, enc)[0], ca.layer_norm(alpha * h + cross))
+            ff = block.layer[-1]
+            torch.testing.assert_close(ff(h), ff.layer_norm(alpha * h + ff.DenseReluDense(h)))
+        assert isinstance(model.encoder.final_layer_norm, nn.Identity)  # post-LN outputs are already normalized
+        assert isinstance(model.decoder.final_layer_norm, nn.Identity)
+        ids = torch.randint(3, 96, (2, 8))
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+        patches.undo()
+        assert (model.encoder.final_layer_norm, model.decoder.final_layer_norm) == final_norms
+        sa = model.encoder.block[1].layer[0]
+        assert "forward" not in vars(sa)
+        torch.testing.assert_close(sa(x)[0], x + sa.SelfAttention(sa.layer_norm(x))[0])  # stock pre-LN again
+
+
+def test_bart_residuals_are_scaled_by_alpha_by_hand_and_undo():
+    torch.manual_seed(0)
+    cfg = BartConfig(
+        vocab_size=96, d_model=D, encoder_layers=4, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+    )  # fmt: skip
+    model = BartForConditionalGeneration(cfg).eval()
+    patches = apply_deepnorm(model)
+    c = deepnorm_constants(n_encoder=4, n_decoder=2)
+    layer, x, enc = model.model.decoder.layers[1], torch.randn(2, 5, D), torch.randn(2, 7, D)
+
+    def by_hand(a: float) -> torch.Tensor:
+        h = layer.self_attn_layer_norm(a * x + layer.self_attn(x)[0])
+        h = layer.encoder_attn_layer_norm(a * h + layer.encoder_attn(h, key_value_states=enc)[0])
+        return layer.final_layer_norm(a * h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, encoder_hidden_states=enc), by_hand(c["decoder"][0]))
+        enc_layer = model.model.encoder.layers[0]
+        a = c["encoder"][0]
+        h = enc_layer.self_attn_layer_norm(a * x + enc_layer.self_attn(x)[0])
+        expected = enc_layer.final_layer_norm(a * h + enc_layer.fc2(enc_layer.activation_fn(enc_layer.fc1(h))))
+        torch.testing.assert_close(enc_layer(x, None), expected)
+        ids = torch.randint(3, 96, (2, 8))
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+        assert type(model.model.encoder.layernorm_embedding) is nn.LayerNorm  # native post-LN: embedding norm stays
+        patches.undo()
+        torch.testing.assert_close(layer(x, encoder_hidden_states=enc), by_hand(1.0))  # the stock layer again
+
+
+def test_unsupported_architecture_is_a_recipe_error_at_validate(tiny_recipe, monkeypatch):
+    from hf_efftrain.techniques import deepnorm
+
     recipe = Recipe.parse(
         tiny_recipe(
-            model={"name_or_path": "builtin:tiny-t5", "config_overrides": {}}, techniques=[{"name": "deepnorm"}]
+            model={"name_or_path": "builtin:tiny-bert", "config_overrides": {}}, techniques=[{"name": "deepnorm"}]
         )
     )
-    with pytest.raises(RecipeError, match=r"techniques\[0\]: deepnorm does not support T5Block.*: BertLayer"):
+    make_techniques(recipe)  # supported
+    monkeypatch.delitem(deepnorm._POLICIES, "BertLayer")
+    with pytest.raises(RecipeError, match=r"techniques\[0\]: deepnorm does not support BertLayer.*: BartDecoderLayer"):
         make_techniques(recipe)
+
+
+def test_trains_t5_seq2seq_through_a_recipe(tiny_recipe):
+    recipe = Recipe.parse(
+        tiny_recipe(
+            model={"name_or_path": "builtin:tiny-t5", "config_overrides": {"num_layers": 2, "num_decoder_layers": 2}},
+            data={"train": "builtin:sft-synthetic"},
+            techniques=[{"name": "deepnorm"}],
+        )
+    )
+    built = build(recipe)
+    assert built.task == "seq2seq"
+    built.trainer.train()
+    losses = [e["loss"] for e in built.trainer.state.log_history if "loss" in e]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    c = deepnorm_constants(n_encoder=2, n_decoder=2)
+    assert built.techniques[0].report()["alpha_beta"] == {r: pytest.approx(list(ab)) for r, ab in c.items()}
 
 
 def test_config_contract():

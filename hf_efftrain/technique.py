@@ -39,12 +39,17 @@ class Env:
     bf16_supported: bool = True
     world_size: int = 1
     installed: frozenset[str] = field(default_factory=frozenset)
+    # "DEEPSPEED" / "FSDP" under such an `accelerate launch`, else None; and the DeepSpeed config it will use.
+    distributed_type: str | None = None
+    deepspeed_config: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def detect(cls) -> Env:
         import os
 
         import torch
+
+        from .distributed import deepspeed_config_of, engine_of
 
         cuda = torch.cuda.is_available()
         optional = ("flash_attn", "flash_attn_interface", "bitsandbytes", "deepspeed", "peft")
@@ -53,6 +58,8 @@ class Env:
             bf16_supported=torch.cuda.is_bf16_supported() if cuda else True,
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
             installed=frozenset(p for p in optional if importlib.util.find_spec(p) is not None),
+            distributed_type=engine_of(),
+            deepspeed_config=deepspeed_config_of(),
         )
 
 

@@ -42,6 +42,7 @@ import torch
 from pydantic import Field
 from transformers import TrainingArguments
 
+from ..distributed import recipe_optimizer_problem
 from ..errors import RecipeError
 from ..registry import register_technique
 from ..technique import Env, Technique, TechniqueConfig
@@ -258,6 +259,9 @@ class LambTechnique(Technique):
                     raise RecipeError(f"{key}[{i}]", f"not a regular expression ({e})") from None
         if c.weight_norm_clamp is not None and c.weight_norm_clamp[0] > c.weight_norm_clamp[1]:
             raise RecipeError("weight_norm_clamp", "must be [gamma_l, gamma_u] with gamma_l <= gamma_u")
+        problem = recipe_optimizer_problem(env.distributed_type, env.deepspeed_config)
+        if problem:
+            raise RecipeError("name", f"lamb: {problem}")
 
     def training_args(self, args: TrainingArguments) -> TrainingArguments:
         if self.config.lr is not None:

@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import TrainingArguments
 
+from ..distributed import recipe_optimizer_problem
 from ..errors import MissingDependencyError, RecipeError
 from ..registry import register_technique
 from ..technique import Env, Technique, TechniqueConfig, has_package
@@ -249,6 +250,9 @@ class LionTechnique(Technique):
             raise RecipeError("foreach", "only used by the torch Lion (bits: 32, paged: false); remove it")
         if c.bits == 32 and c.min_8bit_size is not None:
             raise RecipeError("min_8bit_size", "only used with bits: 8; remove it")
+        problem = recipe_optimizer_problem(env.distributed_type, env.deepspeed_config)
+        if problem:
+            raise RecipeError("name", f"lion: {problem}")
 
     def training_args(self, args: TrainingArguments) -> TrainingArguments:
         c = self.config

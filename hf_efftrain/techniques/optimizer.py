@@ -22,6 +22,7 @@ from pydantic import Field
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from ..distributed import recipe_optimizer_problem
 from ..errors import MissingDependencyError, RecipeError
 from ..registry import register_technique
 from ..technique import Env, Technique, TechniqueConfig, has_package
@@ -125,6 +126,9 @@ class OptimizerTechnique(Technique):
                 f"unknown optimizer {c.type!r}; allowed: sgd, adam, adamw, or a TrainingArguments.optim name: "
                 + ", ".join(TRAINER_OPTIMIZERS),
             )
+        problem = recipe_optimizer_problem(env.distributed_type, env.deepspeed_config)
+        if problem:
+            raise RecipeError("type", f"{c.type}: {problem}")
         if c.type == "sgd" and (c.betas is not None or c.eps is not None):
             raise RecipeError("betas" if c.betas is not None else "eps", "not used by sgd; remove it")
         if c.type != "sgd" and c.momentum is not None:

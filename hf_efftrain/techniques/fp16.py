@@ -2,22 +2,22 @@
 
 Micikevicius et al., "Mixed Precision Training", ICLR 2018, arXiv 1710.03740 (survey Sec. "Memory efficiency /
 Quantized training"): fp32 master copy of the weights, fp16 forward/backward, loss scaling so that small
-gradients survive fp16's narrow exponent range. Needs a CUDA GPU; prefer ``bf16`` where it is supported.
+gradients survive fp16's narrow exponent range. Needs a CUDA GPU (on a CPU, Accelerate would silently run neither
+the autocast nor the scaler); prefer ``bf16`` where it is supported.
 
-Functional core: ``TrainingArguments(fp16=True)``; Accelerate applies autocast and the GradScaler.
+A short name for ``mixed_precision`` with ``dtype: fp16`` (see mixed_precision.py, the one implementation);
+functional core: ``amp_training_args(args, "fp16")``, i.e. ``TrainingArguments(fp16=True)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
-from transformers import TrainingArguments
 
-from ..errors import RecipeError
 from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig
+from ..technique import TechniqueConfig
+from .mixed_precision import MixedPrecisionConfig, MixedPrecisionTechnique
 
 
 class Fp16Config(TechniqueConfig):
@@ -26,14 +26,14 @@ class Fp16Config(TechniqueConfig):
 
 
 @register_technique
-class Fp16Technique(Technique):
-    """Sets ``TrainingArguments.fp16`` (and ``mixed_precision``, which the Trainer hands to Accelerate)."""
+class Fp16Technique(MixedPrecisionTechnique):
+    """``mixed_precision`` with ``dtype: fp16``: sets ``TrainingArguments.fp16``; Accelerate adds the GradScaler."""
 
     name = "fp16"
     Config = Fp16Config
-    survey_section = "Memory efficiency / Quantized training"
     paper = 'Micikevicius et al. 2018, "Mixed Precision Training", arXiv 1710.03740'
-    conflicts = frozenset({"bf16"})
+    conflicts = frozenset({"bf16", "mixed_precision"})
+    dtype_field = "name"
 
     config: Fp16Config
 
@@ -43,12 +43,5 @@ class Fp16Technique(Technique):
 
         return "ready" if torch.cuda.is_available() else "needs CUDA"
 
-    def validate(self, recipe: Any, env: Env) -> None:
-        if not env.cuda:
-            raise RecipeError("name", "fp16 mixed precision needs a CUDA GPU; use bf16 on CPU")
-
-    def training_args(self, args: TrainingArguments) -> TrainingArguments:
-        if args.bf16:
-            raise RecipeError("name", "training.bf16 is also set; remove it (bf16 and fp16 are exclusive)")
-        # replace() reruns __post_init__, which derives mixed_precision from fp16 (setting fp16 alone does not).
-        return dataclasses.replace(args, fp16=True, fp16_full_eval=self.config.full_eval or args.fp16_full_eval)
+    def resolve(self) -> MixedPrecisionConfig:
+        return MixedPrecisionConfig(dtype="fp16", full_eval=self.config.full_eval)

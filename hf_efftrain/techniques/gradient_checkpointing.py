@@ -5,7 +5,9 @@ rematerialization). Activation memory drops from O(layers) to O(1) layer's worth
 about one extra forward pass of compute.
 
 Transformers 5 names this ``activation_checkpointing`` (``gradient_checkpointing`` is a deprecated alias that is
-only read when ``TrainingArguments`` is constructed), so this technique sets the new fields.
+only read when ``TrainingArguments`` is constructed), so this technique sets the new fields. ``every_n_layers`` is
+transformers' own: ``PreTrainedModel._set_gradient_checkpointing`` turns it on for the decoder blocks with
+``block_index % n == 0`` (so layers 0, 2, ... for n=2), and the Trainer pops it from the kwargs (checked in 5.24).
 Functional core: ``enable_gradient_checkpointing(model, ...)`` or ``checkpointing_kwargs(...)`` for the Trainer.
 """
 

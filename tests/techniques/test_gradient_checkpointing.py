@@ -77,3 +77,71 @@ def test_config_and_contract():
     assert "1604.06174" in GradientCheckpointingTechnique.paper
     for field_name, field in GradientCheckpointingConfig.model_fields.items():
         assert field_name == "name" or field.description
+
+
+def _mlp_calls_per_layer(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[int]:
+    """How often each decoder layer's MLP started in one forward + backward: 2 where the backward recomputed it.
+    (A pre-hook: non-reentrant recomputation stops early, once the last tensor it needs is recomputed.)"""
+    calls = [0] * len(model.model.layers)
+    handles = [
+        layer.mlp.register_forward_pre_hook(lambda m, i, k=k: calls.__setitem__(k, calls[k] + 1))
+        for k, layer in enumerate(model.model.layers)
+    ]
+    model.train()
+    model(**batch).loss.backward()
+    for h in handles:
+        h.remove()
+    return calls
+
+
+def test_every_n_layers_recomputes_only_every_nth_layer(tiny):
+    # transformers 5 honours every_n_layers (PreTrainedModel._set_gradient_checkpointing: layer_index % n == 0).
+    batch = {k: torch.stack([r[k] for r in tiny.rows(4)]) for k in ("input_ids", "labels")}
+
+    def model(every_n_layers: int | None):
+        torch.manual_seed(0)
+        m = type(tiny.model())._from_config(tiny.config(num_hidden_layers=4))
+        return m if every_n_layers is None else enable_gradient_checkpointing(m, every_n_layers=every_n_layers)
+
+    assert _mlp_calls_per_layer(model(None), batch) == [1, 1, 1, 1]
+    assert _mlp_calls_per_layer(model(1), batch) == [2, 2, 2, 2]
+    assert _mlp_calls_per_layer(model(2), batch) == [2, 1, 2, 1]
+    assert _mlp_calls_per_layer(model(3), batch) == [2, 1, 1, 2]
+
+    # The same through the stock Trainer, from the technique's TrainingArguments.
+    m = model(None)
+    args = GradientCheckpointingTechnique(every_n_layers=2).training_args(tiny.args(max_steps=1))
+    calls = [0] * 4
+    for k, layer in enumerate(m.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda mod, i, k=k: calls.__setitem__(k, calls[k] + 1))
+    tiny.train(m, args)
+    assert [layer.gradient_checkpointing for layer in m.model.layers] == [True, False, True, False]
+    assert calls == [2, 1, 2, 1]
+
+
+def _peak_cpu_tensor_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Peak bytes of live CPU tensors during forward + backward, from the profiler's allocation timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline  # the data behind export_memory_timeline
+
+    model.train()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        model(**batch).loss.backward()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return max(sum(s) for s in sizes)
+
+
+def test_every_n_layers_peak_memory_lies_between_none_and_full(tiny):
+    config = tiny.config(num_hidden_layers=4, hidden_size=128, intermediate_size=256)
+    batch = {k: torch.stack([r[k] for r in tiny.rows(8, seq_len=64)]) for k in ("input_ids", "labels")}
+    peaks = {}
+    for every_n_layers in (None, 2, 1):
+        torch.manual_seed(0)
+        model = type(tiny.model())._from_config(config)
+        if every_n_layers is not None:
+            enable_gradient_checkpointing(model, every_n_layers=every_n_layers)
+        peaks[every_n_layers] = _peak_cpu_tensor_bytes(model, batch)
+    assert peaks[None] > peaks[2] > peaks[1]
+    # Half the layers keep their activations: the saving is about half of full checkpointing's.
+    saved_half, saved_full = peaks[None] - peaks[2], peaks[None] - peaks[1]
+    assert 0.3 < saved_half / saved_full < 0.7

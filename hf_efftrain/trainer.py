@@ -1,8 +1,9 @@
 """EffTrainer: ``transformers.Trainer`` that dispatches the run-time technique hooks (DESIGN.md).
 
-It adds four things and nothing technique-specific: the optimizer a technique asks for (through the stock
+It adds these and nothing technique-specific: the optimizer a technique asks for (through the stock
 ``optimizer_cls_and_kwargs`` argument), per-batch transforms (in ``get_batch_samples``), loss overrides (in
-``compute_loss``), and the techniques' callbacks plus one that saves their state with every checkpoint.
+``compute_loss``), the techniques' callbacks, and safe checkpoints (checkpoint.py: staged save with the techniques'
+state and a manifest, verified resume, a checkpoint on SIGTERM/SIGINT).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
+from . import checkpoint
 from .technique import Technique
 
 logger = logging.getLogger(__name__)
@@ -35,8 +37,8 @@ class EffTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         for t in self.techniques:
             callbacks.extend(t.callbacks())
-        if self.techniques:
-            callbacks.append(TechniqueStateCallback(self.techniques))
+        self.preemption = checkpoint.Preemption()
+        callbacks.append(self.preemption)
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         for t in self.techniques:
             t.on_trainer(self)
@@ -65,30 +67,26 @@ class EffTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        """As the stock ``train``, but ``resume_from_checkpoint=True`` takes the newest checkpoint that verifies
+        (skipping partial or corrupt ones), a given path must verify, and a SIGTERM/SIGINT ends in a checkpoint and
+        ``checkpoint.Preempted``."""
         if resume_from_checkpoint:
-            load_technique_state(self.techniques, self._resolve_checkpoint(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            resume_from_checkpoint = checkpoint.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+            load_technique_state(self.techniques, resume_from_checkpoint)
+        with self.preemption.armed():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self.preemption.raise_if_stopped()
+        return output
 
-    def _resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
-        if isinstance(resume_from_checkpoint, bool):
-            from transformers.trainer_utils import get_last_checkpoint
-
-            return get_last_checkpoint(self.args.output_dir)
-        return resume_from_checkpoint
+    def _save_checkpoint(self, model, trial):
+        save = partial(super()._save_checkpoint, model, trial)
+        checkpoint.save_staged(self, save, trial, partial(save_technique_state, self.techniques))
 
 
-class TechniqueStateCallback(TrainerCallback):
-    """Writes every technique's ``state_dict()`` into each checkpoint folder, for resume."""
-
-    def __init__(self, techniques: Sequence[Technique]):
-        self.techniques = techniques
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                torch.save({t.name: t.state_dict() for t in self.techniques}, os.path.join(folder, STATE_FILE))
-        return control
+def save_technique_state(techniques: Sequence[Technique], folder: str) -> None:
+    """Every technique's ``state_dict()`` in one file of the checkpoint folder, for resume."""
+    if techniques:
+        torch.save({t.name: t.state_dict() for t in techniques}, os.path.join(folder, STATE_FILE))
 
 
 def load_technique_state(techniques: Sequence[Technique], checkpoint: str | None) -> None:

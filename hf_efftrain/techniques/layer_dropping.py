@@ -279,6 +279,15 @@ class LayerDroppingTechnique(Technique):
             raise RuntimeError("layer_dropping: on_model(model) must run before training")
         return [self.drop.callback()]
 
+    def state_dict(self) -> dict[str, Any]:
+        # the draws need no state (seeded by the step); the counters behind the report's mean keep fraction do
+        d = self.drop
+        return {"kept_blocks": d.kept_blocks, "drawn_blocks": d.drawn_blocks} if d is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.drop is not None and state:
+            self.drop.kept_blocks, self.drop.drawn_blocks = int(state["kept_blocks"]), int(state["drawn_blocks"])
+
     def report(self) -> dict[str, Any]:
         d = self.drop
         if d is None:

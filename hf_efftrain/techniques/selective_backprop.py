@@ -23,6 +23,12 @@ it as already scaled for gradient accumulation; we scale that count by this micr
 several it gives the mean of the micro-batches' kept-token means. Without ``num_items_in_batch`` the model's own
 mean over the subset is used and the Trainer divides by the accumulation steps as usual.
 
+Several processes (DDP): every process selects from the losses of all processes' micro-batches (gathered in rank
+order), with one history and one generator, as a single process would from the global batch; each then
+backpropagates its own kept share (at least one example, its largest loss, so every process runs a backward). The
+selection state is therefore the same on every process, and the checkpoint that process 0 writes resumes them all
+exactly.
+
 Functional core: ``SelectiveBackprop`` (``probabilities``, ``select``, ``loss``); with the stock Trainer,
 ``handle = SelectiveBackprop(beta=1).install(trainer)`` wraps ``trainer.compute_loss`` (``handle.undo()`` removes).
 """
@@ -100,6 +106,23 @@ def percentile_rank(history: torch.Tensor, losses: torch.Tensor) -> torch.Tensor
     return (lt + le + (le > lt).double()) / (2 * history.numel())
 
 
+def gather_across_processes(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Every process's ``x`` concatenated along dim 0 in rank order (sizes may differ), and each process's size.
+    One process (or no process group): ``x`` itself."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, [x.shape[0]]
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(c) for c in sizes]
+    width = max(counts)
+    padded = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
+
+
 class SelectiveBackprop:
     """Selection state (loss history, RNG, counters) plus the loss computation on the kept subset."""
 
@@ -148,11 +171,30 @@ class SelectiveBackprop:
             logits = model(**batch).logits
             losses, targets = per_example_loss(logits, labels, loss_shifts_labels(model), batch.get("shift_labels"))
             del logits
-        valid = targets > 0  # examples without a target token carry no loss: never kept, not in the history
-        if not valid.any():
+        # all processes' (loss, targets), in rank order: one selection, so the state is the same everywhere
+        gathered, sizes = gather_across_processes(torch.stack([losses.double(), targets.double()], dim=1))
+        gathered = gathered.cpu()
+        all_losses, all_targets = gathered[:, 0], gathered[:, 1]
+        all_valid = all_targets > 0  # examples without a target token carry no loss: never kept, not in the history
+        if not all_valid.any():
             return None
-        keep = torch.zeros(size, dtype=torch.bool)
-        keep[valid.cpu()] = self.select(losses[valid])
+        keep_all = torch.zeros(len(gathered), dtype=torch.bool)
+        keep_all[all_valid] = self.select(all_losses[all_valid])
+        start = 0
+        for n in sizes:  # each process backpropagates at least its largest loss (DDP needs every backward)
+            part = slice(start, start + n)
+            if all_valid[part].any() and not keep_all[part].any():
+                keep_all[start + int(torch.argmax(all_losses[part].masked_fill(~all_valid[part], -torch.inf)))] = True
+            start += n
+        self.counts["examples_seen"] += int(all_valid.sum())
+        self.counts["examples_backpropagated"] += int(keep_all.sum())
+        self.counts["tokens_seen"] += int(all_targets.sum())
+        self.counts["tokens_backpropagated"] += int(all_targets[keep_all].sum())
+        rank = torch.distributed.get_rank() if len(sizes) > 1 else 0
+        offset = sum(sizes[:rank])
+        keep = keep_all[offset : offset + size]
+        if not (targets > 0).any():  # this process has nothing to learn from: the default loss (as before)
+            return None
         self.last_keep = keep
         keep = keep.to(labels.device)
         idx = keep.nonzero().squeeze(1)
@@ -160,10 +202,6 @@ class SelectiveBackprop:
             k: v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v for k, v in batch.items()
         }
         n_all, n_kept = targets.sum(), targets[keep].sum()
-        self.counts["examples_seen"] += int(valid.sum())
-        self.counts["examples_backpropagated"] += int(keep.sum())
-        self.counts["tokens_seen"] += int(n_all)
-        self.counts["tokens_backpropagated"] += int(n_kept)
         if num_items_in_batch is None:
             return compute_loss(model, subset)
         scaled = num_items_in_batch * (n_kept / n_all).to(getattr(num_items_in_batch, "device", n_kept.device))
@@ -209,7 +247,7 @@ class SelectiveBackpropConfig(TechniqueConfig):
     start_step: int = Field(
         0, ge=0, description="Optimizer steps trained on every example before selection starts (warm-up)."
     )
-    seed: int | None = Field(None, description="Seed of the selection draws (+ process index); default training.seed.")
+    seed: int | None = Field(None, description="Seed of the selection draws; default training.seed.")
 
 
 @register_technique
@@ -237,7 +275,7 @@ class SelectiveBackpropTechnique(Technique):
 
     def on_trainer(self, trainer: Any) -> None:
         self.trainer = trainer
-        self.core.reseed(self.seed + trainer.args.process_index)  # independent draws on each process
+        self.core.reseed(self.seed)  # one generator, in step on every process (each selects for all of them)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], compute_loss: Any) -> torch.Tensor | None:
         step = self.trainer.state.global_step if self.trainer is not None else self.config.start_step

@@ -192,11 +192,19 @@ class TokenImportance:
 
     @torch.no_grad()
     def update(self, target_ids: torch.Tensor, losses: torch.Tensor) -> None:
-        """One EMA step for each id among ``target_ids`` with the mean of its per-token losses."""
+        """One EMA step for each id among ``target_ids`` with the mean of its per-token losses (under DDP: over all
+        processes' tokens)."""
         self._to(target_ids.device)
         ids = target_ids.reshape(-1)
         sums = torch.zeros_like(self.scores).index_add_(0, ids, losses.reshape(-1).float())
         counts = torch.bincount(ids, minlength=self.scores.numel()).float()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # one table for the global batch on every process: the same ranking everywhere, and the state that
+            # process 0 checkpoints is every process's (exact resume under DDP)
+            both = torch.stack([sums, counts])
+            dist.all_reduce(both)
+            sums, counts = both[0], both[1]
         mean = sums / counts.clamp(min=1)
         self.scores.copy_(torch.where(counts > 0, self.beta * self.scores + (1 - self.beta) * mean, self.scores))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,11 +21,45 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError
 
 from .errors import RecipeError
+from .recipe_checks import (
+    MAX_RECIPE_BYTES,
+    StrictLoader,
+    check_numbers,
+    check_size,
+    first_per_path,
+    key_path,
+    read_yaml,
+    short,
+)
 from .technique import TechniqueConfig
 
 TASKS = ("auto", "causal_lm", "sft", "masked_lm", "seq2seq", "classification")
 # Distributed settings belong to the accelerate config, so one recipe runs anywhere (DESIGN.md).
 _DISTRIBUTED_FIELDS = {"deepspeed", "fsdp", "fsdp_config", "local_rank", "ddp_backend", "parallelism_config"}
+# Ranges TrainingArguments does not check itself: outside them a run crashes part-way (a zero batch, a seed numpy
+# refuses) or trains on garbage (negative weight decay or clipping norm). field -> (lowest allowed, limit excluded).
+TRAINING_RANGES: dict[str, tuple[float, float | None]] = {
+    "per_device_train_batch_size": (1, None),
+    "per_device_eval_batch_size": (1, None),
+    "gradient_accumulation_steps": (1, None),
+    "eval_accumulation_steps": (1, None),
+    "learning_rate": (0, None),
+    "weight_decay": (0, None),
+    "max_grad_norm": (0, None),
+    "adam_beta1": (0, 1),
+    "adam_beta2": (0, 1),
+    "adam_epsilon": (0, None),
+    "label_smoothing_factor": (0, 1),
+    "num_train_epochs": (0, None),
+    "max_steps": (-1, None),
+    "warmup_steps": (0, None),
+    "logging_steps": (0, None),
+    "save_steps": (0, None),
+    "eval_steps": (0, None),
+    "seed": (0, 2**32),
+    "data_seed": (0, 2**32),
+    "dataloader_num_workers": (0, None),
+}
 
 
 class _Section(BaseModel):
@@ -61,30 +96,40 @@ class Recipe(_Section):
 
     @property
     def output_dir(self) -> str:
-        return self.training["output_dir"]
+        return self.training.get("output_dir") or "trainer_output"  # TrainingArguments' own default
 
     def technique_names(self) -> list[str]:
         return [t.name for t in self.techniques]
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Plain data that ``parse`` reads back to the same recipe. Technique entries keep only the fields the user
+        set (and the name): techniques reject fields that do not apply to their mode, even at default values."""
+        data = self.model_dump(mode="json")
+        data["techniques"] = [
+            {"name": t.name, **t.model_dump(mode="json", exclude_unset=True)} for t in self.techniques
+        ]
+        return data
 
     @classmethod
     def parse(cls, data: Any, source: str = "recipe") -> Recipe:
         """Validate a plain dict (as loaded from YAML); raise one RecipeError listing every problem."""
         if not isinstance(data, dict):
-            raise RecipeError("", f"{source}: a recipe is a mapping with sections model, data, training, techniques")
+            raise RecipeError(
+                "recipe", f"{source}: a recipe is a mapping with sections model, data, training, techniques"
+            )
+        check_size(data, source)
         data = dict(data)
         errors: list[str] = []
-        data["training"] = _validate_training(data.get("training") or {}, errors)
-        data["techniques"] = _validate_techniques(data.get("techniques") or [], errors)
+        check_numbers(data, "", errors)
+        data["training"] = _validate_training({} if data.get("training") is None else data["training"], errors)
+        data["techniques"] = _validate_techniques([] if data.get("techniques") is None else data["techniques"], errors)
         try:
             recipe = cls.model_validate(data)
         except ValidationError as e:
             errors[:0] = _format_errors(e, cls)
             recipe = None
         if errors:
-            raise RecipeError("", "\n".join(dict.fromkeys(errors)))
+            raise RecipeError("", "\n".join(first_per_path(errors)))
         return recipe
 
 
@@ -103,7 +148,7 @@ def _validate_training(training: Any, errors: list[str]) -> dict[str, Any]:
         return {}
     fields, out = _training_fields(), {}
     for key, value in training.items():
-        path = f"training.{key}"
+        path = key_path("training", key)
         if key in _DISTRIBUTED_FIELDS:
             errors.append(
                 f"{path}: distributed settings live in the accelerate config, not the recipe "
@@ -118,7 +163,21 @@ def _validate_training(training: Any, errors: list[str]) -> dict[str, Any]:
                 out[key] = fields[key].validate_python(value)
             except ValidationError as e:
                 errors.extend(f"{path}: {_message(err)}" for err in e.errors()[:1])
+                continue
+            problem = _out_of_range(out[key], *TRAINING_RANGES.get(key, (None, None)))
+            if problem:
+                errors.append(f"{path}: {problem}")
     return out
+
+
+def _out_of_range(value: Any, low: float | None, limit: float | None) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or low is None:
+        return None
+    if value < low:
+        return f"must be >= {low} (got {short(value)})"
+    if limit is not None and value >= limit:
+        return f"must be < {limit} (got {short(value)})"
+    return None
 
 
 # ---- techniques: each entry validated by its own Config -----------------------------------------------------
@@ -135,6 +194,11 @@ def _validate_techniques(entries: Any, errors: list[str]) -> list[TechniqueConfi
             entry = entry.model_dump()
         if not isinstance(entry, dict) or "name" not in entry:
             errors.append(f"{path}: each technique is a mapping with a 'name' key")
+            continue
+        if not isinstance(entry["name"], str):
+            errors.append(
+                f"{path}.name: must be a technique name, see `hf-efftrain techniques` (got {short(entry['name'])})"
+            )
             continue
         try:
             config_cls = get_technique(entry["name"], f"{path}.name").Config
@@ -160,7 +224,7 @@ def _format_errors(e: ValidationError, model_cls: type[BaseModel], prefix: str =
             continue
         path = prefix
         for part in loc:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+            path = f"{path or 'recipe'}[{part}]" if isinstance(part, int) else key_path(path, part)
         msg = _message(err)
         if err["type"] == "extra_forbidden":
             allowed = _fields_at(model_cls, loc[:-1])
@@ -171,17 +235,17 @@ def _format_errors(e: ValidationError, model_cls: type[BaseModel], prefix: str =
 
 def _message(err: dict) -> str:
     ctx, kind = err.get("ctx", {}), err["type"]
-    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    got = f" (got {short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
+        limit = f"{limit:g}" if isinstance(limit, float) else limit
         return f"must be {bounds[kind]} {limit}{got}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}{got}"
     if kind == "missing":
         return "required field is missing"
-    return f"{err['msg']}{got}"
+    return " ".join(f"{err['msg']}{got}".split())  # one line
 
 
 def _fields_at(model_cls: type[BaseModel], loc: list) -> list[str]:
@@ -209,14 +273,20 @@ def _model_type(annotation: Any) -> Any:
 def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
     """Read a recipe YAML, apply ``--set a.b=value`` overrides and ``--output-dir``, and validate it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError("recipe", f"file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RecipeError("recipe", f"{path} is not valid YAML: {e}") from None
+    if not path.is_file():  # a folder, a FIFO or a device: reading it would fail or block forever
+        raise RecipeError("recipe", f"{path} is not a regular file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError("recipe", f"{path} has {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
+    data = read_yaml(path)
+    if data is None:
+        raise RecipeError("recipe", f"{path} is empty; a recipe is a mapping with sections model, data, training")
     if not isinstance(data, dict):
         raise RecipeError("recipe", f"{path}: a recipe is a mapping with sections model, data, training, techniques")
+    for section, empty in (("training", {}), ("techniques", [])):
+        if section in data and data[section] is None:  # `training:` with nothing under it
+            data[section] = empty
     for item in overrides or []:
         apply_override(data, item)
     training = data.setdefault("training", {}) if isinstance(data.get("training", {}), dict) else None
@@ -233,34 +303,39 @@ def apply_override(data: dict, item: str) -> None:
     The value is read as YAML (numbers, booleans, lists) except where the field it sets is a string.
     """
     if "=" not in item:
-        raise RecipeError("--set", f"expected key.path=value, got {item!r}")
+        raise RecipeError("--set", f"expected key.path=value, got {short(item)}")
     key, raw = item.split("=", 1)
+    if not isinstance(data, dict):
+        raise RecipeError("recipe", "a recipe is a mapping with sections model, data, training, techniques")
     parts = [p for p in key.replace("[", ".").replace("]", "").split(".") if p]
     if not parts:
-        raise RecipeError("--set", f"empty key in {item!r}")
+        raise RecipeError("--set", f"empty key in {short(item)}")
+    label = f"--set {key}" if re.fullmatch(r"[\w.\[\]-]+", key) else f"--set {short(key)}"
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            node = _list_item(node, part, ".".join(parts[: i + 1]))
+            node = _list_item(node, part, label)
         else:
             if not isinstance(node, dict):
-                raise RecipeError(f"--set {key}", f"{'.'.join(parts[:i])} is not a mapping")
+                raise RecipeError(label, f"{'.'.join(parts[:i])} is not a mapping")
             node = node.setdefault(part, [] if part == "techniques" else {})
     value = raw if _expects_str(data, parts) else _yaml_value(raw)
     if isinstance(node, list):
         if parts[-1].isdigit() or not isinstance(value, dict):
-            raise RecipeError(f"--set {key}", "set a technique's field: techniques.<name>.<field>=value")
+            raise RecipeError(label, "set a technique's field: techniques.<name>.<field>=value")
         node.append(value)
     elif isinstance(node, dict):
         node[parts[-1]] = value
     else:
-        raise RecipeError(f"--set {key}", f"{'.'.join(parts[:-1])} is not a mapping")
+        raise RecipeError(label, f"{'.'.join(parts[:-1])} is not a mapping")
 
 
-def _list_item(items: list, part: str, path: str) -> dict:
+def _list_item(items: list, part: str, label: str) -> dict:
     if part.isdigit():
         if int(part) >= len(items):
-            raise RecipeError(f"--set {path}", f"index out of range; the recipe has {len(items)} techniques")
+            raise RecipeError(
+                label, f"index out of range (got {short(int(part))}); the recipe has {len(items)} techniques"
+            )
         return items[int(part)]
     for entry in items:
         if isinstance(entry, dict) and entry.get("name") == part:
@@ -271,8 +346,8 @@ def _list_item(items: list, part: str, path: str) -> dict:
 
 def _yaml_value(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return yaml.load(raw, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError, OverflowError):  # not YAML: the literal string
         return raw
 
 

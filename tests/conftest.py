@@ -14,6 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+try:  # property tests (tests/unit/test_fuzz_recipe.py): the same examples on every run, no example database
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # the `test` extra brings hypothesis; without it only the fuzz tests fail to import
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

@@ -37,6 +37,19 @@ def test_techniques_get_their_own_config(tiny_recipe):
 
 
 @pytest.mark.parametrize(
+    "technique",
+    [{"name": "mixed_precision", "dtype": "bf16"}, {"name": "bf16"}, {"name": "lion", "bits": 8}, {"name": "peft"}],
+)
+def test_saved_recipe_reads_back_and_validates(tiny_recipe, technique):
+    """run.py writes recipe.to_dict() as the run's recipe.yaml: it must run again as it is (fields a technique
+    rejects outside their mode, such as mixed_precision's fp16-only init_scale, are not written out as defaults)."""
+    recipe = Recipe.parse(tiny_recipe(techniques=[technique]))
+    again = Recipe.parse(recipe.to_dict())
+    assert again == recipe and again.to_dict() == recipe.to_dict()
+    assert [t.name for t in make_techniques(again)] == [technique["name"]]
+
+
+@pytest.mark.parametrize(
     ("mutate", "expected"),
     [
         (lambda r: r["model"].update(colour="red"), "model.colour: unknown field; allowed: name_or_path"),

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [  # plot_loss and summary_table live in report.py; re-exported so callers need one import
-    "build_run_report", "mfu", "model_flops_per_token", "optimizer_state_bytes", "peak_flops", "peak_memory",
-    "plot_loss", "summary_table", "versions", "write_run_report",
+    "build_run_report", "loss_curve", "mfu", "model_flops_per_token", "optimizer_state_bytes", "peak_flops",
+    "peak_memory", "plot_loss", "summary_table", "versions", "write_run_report",
 ]  # fmt: skip
 
 REPORT_FILE = "run_report.json"
@@ -263,7 +263,10 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of every tensor in ``optimizer.state`` on this process (moments, 8-bit states, absmax, qmaps, steps).
 
     Accelerate's ``AcceleratedOptimizer`` (and DeepSpeed's wrappers) are unwrapped through ``.optimizer``; a
-    tensor shared by several parameters' states is counted once.
+    tensor shared by several parameters' states is counted once. Under DeepSpeed ZeRO the inner optimizer holds
+    only this rank's flat fp32 partition, so the figure is what this process really keeps (about 1/world_size of
+    DDP's; in CPU memory when offloaded; tests/e2e/test_distributed.py checks ZeRO-2 and ZeRO-3 with offload).
+    ``peak_memory`` is per process as well.
     """
     if optimizer is None:
         return 0
@@ -399,12 +402,36 @@ def build_run_report(
         "techniques": technique_reports,
         "versions": versions(),
         "loss_history": losses,
+        "loss_curve": loss_curve(state.log_history),
         "notes": notes,
     }
     for note in notes:
         logger.warning("run report: %s", note)
     report.update(extra or {})
     return report
+
+
+def loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Train loss with the time and tokens at which it was logged: ``{step, loss, time_s, tokens}`` per entry.
+
+    ``time_s`` is the Trainer's ``train_runtime`` at that log (seconds since ``train()`` began, minus the runtime of
+    evaluations run so far); ``tokens`` its ``num_input_tokens_seen`` (None where the Trainer counted none). The
+    benchmark runner reads loss against wall time and tokens from here, for the stock Trainer and EffTrainer alike.
+    """
+    curve, eval_s = [], 0.0
+    for e in log_history:
+        eval_s += float(e.get("eval_runtime", 0.0))
+        if "loss" in e and "step" in e:
+            runtime = e.get("train_runtime")
+            curve.append(
+                {
+                    "step": int(e["step"]),
+                    "loss": float(e["loss"]),
+                    "time_s": None if runtime is None else max(0.0, float(runtime) - eval_s),
+                    "tokens": e.get("num_input_tokens_seen"),
+                }
+            )
+    return curve
 
 
 def write_run_report(output_dir: str | Path, report: dict[str, Any]) -> Path:

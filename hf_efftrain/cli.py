@@ -1,6 +1,9 @@
 """Command line: ``hf-efftrain train | validate | techniques``.
 
-User errors (``RecipeError``) print one message and exit with 2, never a traceback.
+User errors (``RecipeError``) print one message and exit with 2, never a traceback. Training faults
+(``checkpoint.TrainingFault``, docs/FAULTS.md) print one message too and exit with their own code:
+EXIT_PREEMPTED (75, EX_TEMPFAIL: SIGTERM/SIGINT, a checkpoint was saved, rerun with ``--resume``), EXIT_DIVERGED (3:
+divergence_guard gave up) and EXIT_IO_ERROR (74, EX_IOERR: a checkpoint or the run report could not be written).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_IO_ERROR = 74
+EXIT_PREEMPTED = 75
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,25 +35,53 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--output-dir", help="shortcut for --set training.output_dir=D")
 
-    recipe_args(sub.add_parser("train", help="train a model from a recipe"))
+    sp = sub.add_parser("train", help="train a model from a recipe")
+    recipe_args(sp)
+    sp.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue from the newest valid checkpoint in output_dir (fresh start, with a warning, if none yet), "
+        "or from CHECKPOINT",
+    )
     recipe_args(sub.add_parser("validate", help="check a recipe without training"))
     sub.add_parser("techniques", help="list the techniques")
+    sp = sub.add_parser("bench", help="run a benchmark matrix: baseline (stock Trainer) and variants side by side")
+    sp.add_argument("matrix", help="matrix YAML (see hf_efftrain/bench.py)")
+    sp.add_argument("--out", help="output folder (default: the matrix's `out`, else runs/bench_<matrix name>)")
+    sp.add_argument("--repeats", type=int, help="runs of every row (default: the matrix's `repeats`)")
+    sp.add_argument("--quick", action="store_true", help="smoke run: the matrix's `quick` overrides, 1 repeat")
+    sp = sub.add_parser("report", help="finished runs side by side: markdown table and plots")
+    sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders holding run_report.json")
+    sp.add_argument("--out", default="runs/report", help="where results.md/json and the plots go")
+    sp.add_argument("--baseline", help="run folder name the ratios are taken against (default: the first)")
+    sp.add_argument("--target-loss", type=float, help="default: the baseline's final smoothed loss")
+    sp.add_argument("--window", type=int, help="smoothing: trailing mean over this many logged losses (10)")
+    from .plan_report import add_arguments as plan_arguments  # light import: no torch until a plan runs
+
+    plan_arguments(sub.add_parser("plan", help="predict per-device training memory and the cheapest change to fit"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
+    from .checkpoint import Diverged, OutputWriteError, Preempted, TrainingFault
     from .errors import RecipeError
 
     try:
-        return {"train": _train, "validate": _validate, "techniques": _techniques}[args.command](args)
+        commands = {"train": _train, "validate": _validate, "techniques": _techniques, "bench": _bench}
+        return {**commands, "report": _report, "plan": _plan}[args.command](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except TrainingFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return {Preempted: EXIT_PREEMPTED, Diverged: EXIT_DIVERGED, OutputWriteError: EXIT_IO_ERROR}[type(e)]
 
 
 def _setup_logging() -> None:
@@ -65,7 +99,7 @@ def _train(args) -> int:
     from .metrics import summary_table
     from .run import train
 
-    report = train(args.recipe, args.overrides, args.output_dir)
+    report = train(args.recipe, args.overrides, args.output_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary_table(report))
         print(f"run report: {os.path.join(report['output_dir'], 'run_report.json')}")
@@ -79,6 +113,39 @@ def _validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides, args.output_dir)
     techniques = make_techniques(recipe)
     print(f"{args.recipe}: ok ({len(techniques)} techniques: {', '.join(t.name for t in techniques) or 'none'})")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench
+
+    if args.repeats is not None and args.repeats < 1:
+        from .errors import RecipeError
+
+        raise RecipeError("--repeats", f"must be >= 1 (got {args.repeats})")
+    results = bench(args.matrix, args.out, args.repeats, args.quick)
+    print(results["table"])
+    failed = sorted(results["errors"])
+    print(f"results: {results['out']}/results.md" + (f" (failed: {', '.join(failed)})" if failed else ""))
+    return 0
+
+
+def _report(args) -> int:
+    from .bench import report
+
+    results = report(args.run_dirs, args.out, args.baseline, args.target_loss, args.window)
+    print(results["table"])
+    print(f"results: {args.out}/results.md")
+    return 0
+
+
+def _plan(args) -> int:
+    import json
+
+    from .plan_report import plan_from_args, render
+
+    plan = plan_from_args(args)
+    print(json.dumps(plan, indent=2) if args.json else render(plan))
     return 0
 
 

@@ -1,10 +1,12 @@
 """Every technique module, imported by name so that each registers itself (see registry.py)."""
 
 from . import (  # noqa: F401
+    activation_offload,
     attention,
     bf16,
     data_pruning,
     deepnorm,
+    divergence_guard,
     fixup,
     fp16,
     gradient_checkpointing,
@@ -13,9 +15,12 @@ from . import (  # noqa: F401
     layer_dropping,
     layer_freezing,
     lion,
+    mixed_precision,
     optimizer,
     packing,
+    peft,
     progressive_stacking,
+    quantized_base,
     selective_backprop,
     seqlen_warmup,
     sparse_training,

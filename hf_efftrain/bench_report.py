@@ -31,8 +31,8 @@ DEFAULT_WINDOW = 10
 # Per-run figures aggregated over repeats (median, min..max); the order is the order of results.json.
 FIGURES = (
     "tokens_per_second", "step_time_s", "wall_time_s", "peak_rss_bytes", "rss_added_bytes", "planned_peak_bytes",
-    "cuda_peak_bytes", "optimizer_state_bytes", "mfu", "final_loss", "loss_at_equal_steps", "loss_at_equal_time", "time_to_target_s",
-    "tokens_to_target", "steps_to_target", "eval_loss",
+    "cuda_peak_bytes", "optimizer_state_bytes", "mfu", "final_loss", "loss_at_equal_steps", "loss_at_equal_time",
+    "time_to_target_s", "tokens_to_target", "steps_to_target", "eval_loss",
 )  # fmt: skip
 # Figures where smaller is better: their ratio to the baseline is baseline / row, so > 1 always means "better".
 _SMALLER_IS_BETTER = {"step_time_s", "time_to_target_s", "tokens_to_target"}

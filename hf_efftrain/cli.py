@@ -1,4 +1,4 @@
-"""Command line: ``hf-efftrain train | validate | techniques``.
+"""Command line: ``hf-efftrain train | validate | techniques | bench | report | plan``.
 
 User errors (``RecipeError``) print one message and exit with 2, never a traceback. Training faults
 (``checkpoint.TrainingFault``, docs/FAULTS.md) print one message too and exit with their own code:
@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import RecipeError
 
     try:
-        commands = {"train": _train, "validate": _validate, "techniques": _techniques, "bench": _bench}
-        return {**commands, "report": _report, "plan": _plan}[args.command](args)
+        commands = {"train": _train, "validate": _validate, "techniques": _techniques}
+        commands.update(bench=_bench, report=_report, plan=_plan)
+        return commands[args.command](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -192,9 +192,14 @@ def test_gradient_accumulation_gives_the_same_gradient_as_one_big_batch(tiny_rec
         recipe = tiny_recipe(
             model={**model, "config_overrides": {}},
             data={**data, "max_train_samples": 8},
-            training={"max_steps": 1, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
-                      "learning_rate": 0.0, "max_grad_norm": 0.0},
-        )  # fmt: skip
+            training={
+                "max_steps": 1,
+                "per_device_train_batch_size": batch,
+                "gradient_accumulation_steps": accumulation,
+                "learning_rate": 0.0,
+                "max_grad_norm": 0.0,
+            },
+        )
         trainer = build(Recipe.parse(recipe)).trainer
         trainer.train()
         grads.append(trainer.state.log_history[0]["grad_norm"])

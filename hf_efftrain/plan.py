@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .plan_activations import activation_bytes
+from .plan_activations import activation_bytes, tensor_parallel_fraction
 from .plan_inputs import ModelSpec, Setup
 
 GB = 1e9
@@ -122,11 +122,23 @@ def estimate(model: ModelSpec, s: Setup) -> Estimate:
     )  # fmt: skip
     device["activations (blocks)"] = acts["layers"]
     device["activations (LM head + loss)"] = acts["head"]
+    if s.tp * s.pp > 1:  # Megatron-style model parallelism on top of the data parallelism above
+        split = s.tp * s.pp  # every weight matrix split t ways, the layers p ways (norms and biases: negligible)
+        for part in (device, host):
+            for name in [n for n in part if not n.startswith("activations")]:
+                part[name] /= split
+        shape = model.shape
+        acts["layers"] *= tensor_parallel_fraction(s.seq_len, hidden, shape.heads, s.tp, attention)
+        device["activations (blocks)"] = acts["layers"]
+        # 1F1B: the first stage holds p micro-batches of L/p layers in flight, i.e. L layers' worth (Sec. 4.2.3),
+        # so pipelining divides no activations; the head's stay counted (on the last stage).
+        notes.append(f"tensor parallel {s.tp} x pipeline {s.pp}: model states split {split} ways, block "
+                     "activations per Korthikanti et al. (first pipeline stage, no sequence parallelism)")  # fmt: skip
     temp = 0.0
     if not s.offload_optimizer and s.optimizer_bits == 32 and MOMENTS[s.optimizer] and not deepspeed:
         # torch's foreach step (CUDA) allocates one state-sized temporary; the per-tensor CPU loop one tensor's worth
         temp = trainable * state_b if s.device == "cuda" else min(trainable, model.vocab * hidden) * state_b
-        temp = temp / nd if stage >= 1 else temp
+        temp = (temp / nd if stage >= 1 else temp) / (s.tp * s.pp)
     device["optimizer step temporaries"] = temp
 
     grads = device["gradients"]

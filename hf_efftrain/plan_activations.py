@@ -78,6 +78,15 @@ def korthikanti_layer_bytes(seq: int, batch: int, hidden: int, heads: int) -> fl
     return seq * batch * hidden * (34 + 5 * heads * seq / hidden)
 
 
+def tensor_parallel_fraction(seq: int, hidden: int, heads: int, tp: int, attention: Attention) -> float:
+    """Share of a layer's activations one tensor-parallel rank keeps (Korthikanti et al. Sec. 4.2.1, no sequence
+    parallelism): ``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` of ``s*b*h*(34 + 5*a*s/h)``. The 10 (the layer norms' inputs
+    and the residual dropouts) are replicated on every rank; attention and MLP internals are split. Flash/SDPA keep
+    no score matrix, so its ``5*a*s/h`` term drops out."""
+    scores = 5 * heads * seq / hidden if attention == "eager" else 0.0
+    return (10 + (24 + scores) / tp) / (34 + scores)
+
+
 def layer_bytes(
     shape: LayerShape,
     seq: int,

@@ -59,7 +59,9 @@ class Setup:
     seq_len: int = 2048
     batch: int = 1  # per device micro-batch
     grad_accum: int = 1
-    num_gpus: int = 1
+    num_gpus: int = 1  # data-parallel degree
+    tp: int = 1  # tensor-parallel degree (Megatron-style, no sequence parallelism)
+    pp: int = 1  # pipeline stages (1F1B schedule)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # compute precision
     pure_16bit: bool = False  # weights and optimizer state stored in 16-bit too (no fp32 master)
     optimizer: str = "adamw"
@@ -355,6 +357,10 @@ def distributed_from_accelerate(path: str | Path) -> dict[str, Any]:
         offload = bool(fsdp.get("fsdp_offload_params"))
         out["offload_optimizer"] = out["offload_params"] = offload
     elif kind in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
+        tp = int((data.get("parallelism_config") or {}).get("parallelism_config_tp_size") or 1)
+        if tp > 1:  # the processes form tp-sized groups that share a batch; data parallelism is what is left
+            out["tp"], nproc = tp, max(nproc // tp, 1)
+            out["num_gpus"] = nproc
         out["strategy"] = "ddp" if nproc > 1 else "single"
     return out
 

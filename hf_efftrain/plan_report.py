@@ -28,7 +28,8 @@ def describe_setup(s: Setup) -> str:
     unit = "GPU" if s.device == "cuda" else "CPU process"
     parts = [
         f"seq {s.seq_len} x micro-batch {s.batch} (x{s.grad_accum} accumulation)",
-        f"{s.num_gpus} {unit}{'s' if s.num_gpus > 1 else ''}{strategy}{offload}",
+        f"{s.num_gpus} {unit}{'s' if s.num_gpus > 1 else ''}{strategy}{offload}"
+        + (f" x tensor parallel {s.tp} x pipeline {s.pp}" if s.tp * s.pp > 1 else ""),
         precision,
         f"{s.optimizer} {s.optimizer_bits}-bit",
         f"{s.attention} attention",
@@ -130,6 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--attention", choices=("eager", "sdpa", "flash"), help="default sdpa")
     p.add_argument("--strategy", choices=STRATEGIES, help="default: single (ddp with --num-gpus > 1)")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree (default 1, or the accelerate config's tp_size)")
+    p.add_argument("--pp", type=int, help="pipeline-parallel stages (default 1)")
     p.add_argument("--offload", choices=("none", "optimizer", "all"), help="ZeRO/FSDP CPU offload")
     p.add_argument("--adapter", choices=("lora", "qlora"), help="train LoRA adapters on a frozen base")
     p.add_argument("--device", choices=("cuda", "cpu"), help="what runs it (cpu: fp32 unless the recipe says bf16)")
@@ -141,7 +144,7 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if (args.recipe is None) == (args.params is None):
         raise RecipeError("plan", "give a recipe YAML or --params COUNT (one of them)")
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "seq_len", "batch", "grad_accum",
-                 "lora_rank", "num_gpus"):  # fmt: skip
+                 "lora_rank", "num_gpus", "tp", "pp"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             raise RecipeError(f"--{name.replace('_', '-')}", f"must be >= 1 (got {value})")
@@ -166,6 +169,8 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         "grad_accum": args.grad_accum,
         "num_gpus": args.num_gpus,
+        "tp": args.tp,
+        "pp": args.pp,
         "precision": args.precision,
         "optimizer": args.optimizer,
         "optimizer_bits": args.optimizer_bits,

@@ -25,7 +25,13 @@ from hf_efftrain.plan import (
     estimate,
     zero_model_state_bytes,
 )
-from hf_efftrain.plan_activations import LayerShape, activation_bytes, korthikanti_layer_bytes, layer_bytes
+from hf_efftrain.plan_activations import (
+    LayerShape,
+    activation_bytes,
+    korthikanti_layer_bytes,
+    layer_bytes,
+    tensor_parallel_fraction,
+)
 from hf_efftrain.plan_inputs import (
     Setup,
     distributed_from_accelerate,
@@ -249,6 +255,32 @@ def test_accelerate_configs(tmp_path):
     assert distributed_from_accelerate(ddp)["strategy"] == "ddp"
     with pytest.raises(RecipeError, match="not found"):
         distributed_from_accelerate(tmp_path / "missing.yaml")
+    tp = distributed_from_accelerate(ROOT / "accelerate_configs" / "tp.yaml")  # 2 processes, tp_size 2
+    assert tp["tp"] == 2 and tp["num_gpus"] == 1 and tp["strategy"] == "single"
+
+
+@pytest.mark.parametrize("t", [1, 2, 8])
+def test_tensor_parallel_activations_follow_korthikanti(t):
+    """arXiv 2205.05198 Sec. 4.2.1 (tensor parallel, no sequence parallel): s*b*h*(10 + 24/t + 5*a*s/(h*t))."""
+    s, b, h, a = 2048, 1, 4096, 32
+    full = korthikanti_layer_bytes(s, b, h, a)
+    assert full * tensor_parallel_fraction(s, h, a, t, "eager") == pytest.approx(
+        s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    )
+    assert tensor_parallel_fraction(s, h, a, t, "flash") == pytest.approx((10 + 24 / t) / 34)
+
+
+def test_tensor_and_pipeline_parallel_split_model_states_not_pipeline_activations():
+    model = model_from_count(int(7e9))
+    base = estimate(model, Setup(seq_len=2048, batch=1, attention="eager"))
+    split = estimate(model, Setup(seq_len=2048, batch=1, attention="eager", tp=2, pp=4))
+    for name in ("weights", "gradients", "optimizer states"):
+        assert split.device[name] == pytest.approx(base.device[name] / 8, abs=1)
+    shape = model.shape
+    fraction = tensor_parallel_fraction(2048, shape.hidden, shape.heads, 2, "eager")
+    # 1F1B keeps L layers' worth of activations on the first stage whatever p is: only t divides them
+    assert split.device["activations (blocks)"] == pytest.approx(base.device["activations (blocks)"] * fraction, 1e-6)
+    assert split.peak < base.peak / 2
 
 
 # ----------------------------------------------------------------------------------------------- suggestions

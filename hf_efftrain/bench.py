@@ -399,14 +399,15 @@ def train_plain(recipe_path: str) -> dict[str, Any]:
     """The baseline run: the stock ``transformers.Trainer`` from ``Built.plain_trainer()``, with the same
     evaluation, report and plot as ``run.train`` (which drives the EffTrainer)."""
     from .build import build
+    from .distributed import prepare_launch_env
     from .metrics import build_run_report, plot_loss, write_run_report
     from .recipe import load_recipe
-    from .run import mean_length, use_cpu_when_launched_without_gpu
+    from .run import mean_length
 
     recipe = load_recipe(recipe_path)
     if recipe.techniques:
         raise RecipeError("techniques", "the baseline is the stock Trainer: it takes no techniques")
-    use_cpu_when_launched_without_gpu()
+    prepare_launch_env()
     built = build(recipe)
     trainer = built.plain_trainer()
     train_output = trainer.train()

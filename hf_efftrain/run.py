@@ -31,12 +31,12 @@ def train(
     from that checkpoint, which must exist and verify. Default: the recipe's ``training.resume_from_checkpoint``.
     """
     from .checkpoint import CheckpointError, latest_name, list_checkpoints, writing
-    from .distributed import check_engine
+    from .distributed import check_engine, prepare_launch_env
     from .metrics import build_run_report, plot_loss, write_run_report
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, output_dir)
-    use_cpu_when_launched_without_gpu()
+    prepare_launch_env()  # a launch without CUDA becomes a CPU (gloo) group
     out = Path(recipe.output_dir)
     resume = recipe.training.get("resume_from_checkpoint") if resume is None else resume
     if isinstance(resume, str) and resume.lower() != "true" and not os.path.isdir(resume):  # before any work
@@ -65,15 +65,6 @@ def train(
             plot_loss(trainer.state.log_history, out / "loss.png")
             write_run_report(out, report)  # last: its presence means the run finished
     return report
-
-
-def use_cpu_when_launched_without_gpu() -> None:
-    """Under ``accelerate launch`` on a machine without CUDA, run the processes as a CPU (gloo) group: DDP with
-    ``ACCELERATE_USE_CPU``, DeepSpeed with ``DS_ACCELERATOR=cpu`` (see ``distributed.prepare_launch_env``), so one
-    launch line and config serve both GPU and CPU machines."""
-    from .distributed import prepare_launch_env
-
-    prepare_launch_env()
 
 
 def mean_length(built: Built, sample: int = 2000) -> int:

@@ -69,6 +69,12 @@ def deepnorm_constants(n_encoder: int = 0, n_decoder: int = 0) -> dict[str, tupl
     raise ValueError("a model needs at least one stack of layers")
 
 
+def model_constants(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """``deepnorm_constants`` for this model's encoder and decoder depths."""
+    stacks = layer_stacks(model)
+    return deepnorm_constants(len(stacks.get("encoder", ())), len(stacks.get("decoder", ())))
+
+
 # ---- residual policies: (block, alpha) -> patches; ``converts`` = pre-LN made post-LN ----------------------------
 Rewrite = Callable[[nn.Module, float], Patches]
 _POLICIES: dict[str, tuple[Rewrite, bool]] = {}
@@ -203,9 +209,8 @@ def check_supported(model: nn.Module) -> None:
 @torch.no_grad()
 def deepnorm_init(model: nn.Module, generator: torch.Generator | None = None) -> dict[str, tuple[float, float]]:
     """Xavier-normal with gain beta for v, o (self and cross attention) and the MLP weights, gain 1 for q and k."""
-    stacks = layer_stacks(model)
-    constants = deepnorm_constants(len(stacks.get("encoder", ())), len(stacks.get("decoder", ())))
-    for role, stack in stacks.items():
+    constants = model_constants(model)
+    for role, stack in layer_stacks(model).items():
         beta = constants[role][1]
         for block in stack:
             policy = block_policy(block)
@@ -220,12 +225,11 @@ def deepnorm_init(model: nn.Module, generator: torch.Generator | None = None) ->
 def apply_deepnorm(model: nn.Module, *, reinit: bool = True, generator: torch.Generator | None = None) -> Patches:
     """DeepNorm in place: init (unless ``reinit=False``), alpha-scaled post-LN residuals; returns the undo handle."""
     check_supported(model)
-    stacks = layer_stacks(model)
-    constants = deepnorm_constants(len(stacks.get("encoder", ())), len(stacks.get("decoder", ())))
+    constants = model_constants(model)
     if reinit:
         deepnorm_init(model, generator)
     patches, converted = Patches(), False
-    for role, stack in stacks.items():
+    for role, stack in layer_stacks(model).items():
         for block in stack:
             rewrite, converts = deepnorm_policy(block)
             patches.items.extend(rewrite(block, constants[role][0]).items)
@@ -259,8 +263,7 @@ class DeepnormTechnique(Technique):
         check_recipe_model(recipe, check_supported)
 
     def on_model(self, model: nn.Module) -> nn.Module:
-        stacks = layer_stacks(model)
-        self.constants = deepnorm_constants(len(stacks.get("encoder", ())), len(stacks.get("decoder", ())))
+        self.constants = model_constants(model)
         self.patches = apply_deepnorm(model, reinit=self.config.reinit)
         logger.info("deepnorm: (alpha, beta) per stack %s", self.constants)
         return model

@@ -291,7 +291,7 @@ def test_fsdp_launch_on_a_cpu_machine_stops_with_a_clear_error(tmp_path, tiny_re
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("checks the CPU fallback")
+        pytest.skip("with CUDA FSDP runs; this test checks the refusal on a CPU-only machine")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe()))
     res = _accelerate_launch("fsdp.yaml", 29549, "--num_processes", "2", "-m", "hf_efftrain", "train", str(path))

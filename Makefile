@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml
 		|| echo "warning: DeepSpeed's CPU ops did not build (needs a C++ compiler); the ZeRO tests will fail"; fi
 	touch $(STAMP)
 
+# Pre-train the tiny Llama (runs/quickstart), then fine-tune that saved model on instruction data (runs/sft).
 demo: setup
 	$(BIN)/hf-efftrain train recipes/quickstart.yaml
+	$(BIN)/hf-efftrain train recipes/sft.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q -rs --durations=15
@@ -38,7 +40,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 gpu-check: setup
-	bash scripts/gpu_check.sh
+	VENV=$(VENV) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

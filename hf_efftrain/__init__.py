@@ -3,12 +3,12 @@ arXiv 2302.01107) for Hugging Face models, switched on by a recipe YAML or used 
 
 from __future__ import annotations
 
+from .core.recipe import Recipe, load_recipe
+from .core.registry import all_techniques, get_technique, register_technique
+from .core.technique import Technique, TechniqueConfig
 from .errors import RecipeError
-from .recipe import Recipe, load_recipe
-from .registry import all_techniques, get_technique, register_technique
-from .technique import Technique, TechniqueConfig
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "EffTrainer",
     "Recipe",
@@ -31,11 +31,11 @@ def list_techniques() -> list[str]:
 def __getattr__(name: str):
     # EffTrainer and train import transformers' Trainer: loaded on first use so `import hf_efftrain` stays light.
     if name == "EffTrainer":
-        from .trainer import EffTrainer
+        from .core.trainer import EffTrainer
 
         return EffTrainer
     if name == "train":
-        from .run import train
+        from .core.run import train
 
         return train
     raise AttributeError(name)

@@ -43,6 +43,15 @@ def cached_dir(path: Path, build: Callable[[Path], None]) -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``{}`` when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename, so a reader never sees half of it."""
     path = Path(path)

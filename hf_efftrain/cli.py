@@ -9,14 +9,11 @@ divergence_guard gave up) and EXIT_IO_ERROR (74, EX_IOERR: a checkpoint or the r
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
-EXIT_IO_ERROR = 74
-EXIT_PREEMPTED = 75
+from .errors import EXIT_DIVERGED, EXIT_IO_ERROR, EXIT_PREEMPTED, EXIT_USER_ERROR
+from .runtime.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(sub.add_parser("validate", help="check a recipe without training"))
     sub.add_parser("techniques", help="list the techniques")
     sp = sub.add_parser("bench", help="run a benchmark matrix: baseline (stock Trainer) and variants side by side")
-    sp.add_argument("matrix", help="matrix YAML (see hf_efftrain/bench.py)")
+    sp.add_argument("matrix", help="matrix YAML (format: hf_efftrain/bench/matrix.py)")
     sp.add_argument("--out", help="output folder (default: the matrix's `out`, else runs/bench_<matrix name>)")
     sp.add_argument("--repeats", type=int, help="runs of every row (default: the matrix's `repeats`)")
     sp.add_argument("--quick", action="store_true", help="smoke run: the matrix's `quick` overrides, 1 repeat")
@@ -58,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", help="run folder name the ratios are taken against (default: the first)")
     sp.add_argument("--target-loss", type=float, help="default: the baseline's final smoothed loss")
     sp.add_argument("--window", type=int, help="smoothing: trailing mean over this many logged losses (10)")
-    from .plan_report import add_arguments as plan_arguments  # light import: no torch until a plan runs
+    from .plan.report import add_arguments as plan_arguments  # light import: no torch until a plan runs
 
     plan_arguments(sub.add_parser("plan", help="predict per-device training memory and the cheapest change to fit"))
     return p
@@ -66,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging()
-    from .checkpoint import Diverged, OutputWriteError, Preempted, TrainingFault
+    setup_logging()
     from .errors import RecipeError
+    from .runtime.checkpoint import Diverged, OutputWriteError, Preempted, TrainingFault
 
     try:
         commands = {"train": _train, "validate": _validate, "techniques": _techniques}
@@ -85,20 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return {Preempted: EXIT_PREEMPTED, Diverged: EXIT_DIVERGED, OutputWriteError: EXIT_IO_ERROR}[type(e)]
 
 
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if rank == 0 else 60)
-    # bitsandbytes warns at import that its optional `kernels` package is missing; its CPU paths work without it.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_warning()
-
-
 def _train(args) -> int:
-    from .metrics import summary_table
-    from .run import train
+    from .core.run import train
+    from .runtime.metrics import summary_table
 
     report = train(args.recipe, args.overrides, args.output_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -108,8 +94,8 @@ def _train(args) -> int:
 
 
 def _validate(args) -> int:
-    from .build import make_techniques
-    from .recipe import load_recipe
+    from .core.build import make_techniques
+    from .core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, args.output_dir)
     techniques = make_techniques(recipe)
@@ -118,7 +104,7 @@ def _validate(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench
+    from .bench.runner import bench
 
     if args.repeats is not None and args.repeats < 1:
         from .errors import RecipeError
@@ -132,7 +118,7 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from .bench import report
+    from .bench.runner import report
 
     results = report(args.run_dirs, args.out, args.baseline, args.target_loss, args.window)
     print(results["table"])
@@ -143,7 +129,7 @@ def _report(args) -> int:
 def _plan(args) -> int:
     import json
 
-    from .plan_report import plan_from_args, render
+    from .plan.report import plan_from_args, render
 
     plan = plan_from_args(args)
     print(json.dumps(plan, indent=2) if args.json else render(plan))
@@ -151,7 +137,7 @@ def _plan(args) -> int:
 
 
 def _techniques(args) -> int:
-    from .registry import all_techniques
+    from .core.registry import all_techniques
 
     rows = [(name, cls.survey_section, cls.paper, cls.status()) for name, cls in all_techniques().items()]
     header = ("name", "survey section", "paper", "status")

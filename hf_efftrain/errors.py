@@ -1,6 +1,12 @@
-"""User-facing errors: one message naming the field path and what is allowed (DESIGN.md, "Recipes")."""
+"""User-facing errors: one message naming the field path and what is allowed (docs/ARCHITECTURE.md, "Errors"),
+and the exit codes the CLI answers them with."""
 
 from __future__ import annotations
+
+EXIT_USER_ERROR = 2  # a RecipeError: bad field, value, file, column, ...
+EXIT_DIVERGED = 3  # divergence_guard gave up
+EXIT_IO_ERROR = 74  # EX_IOERR: a checkpoint or the run report could not be written
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT, a checkpoint was saved; rerun with --resume
 
 
 class RecipeError(ValueError):

@@ -1,5 +1,5 @@
-"""Offline ``builtin:`` models, tokenizer and datasets, so a first run needs no hub (DESIGN.md, "Offline by
-default"). A recipe names them as ``builtin:<name>`` in ``model.name_or_path`` and ``data.train``.
+"""Offline ``builtin:`` models, tokenizer and datasets, so a first run needs no hub (docs/ARCHITECTURE.md, "Offline
+built-ins"). A recipe names them as ``builtin:<name>`` in ``model.name_or_path`` and ``data.train``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Built-in datasets made on this machine, so a first run needs no hub (DESIGN.md, "Offline by default").
+"""Built-in datasets made on this machine, so a first run needs no hub (docs/ARCHITECTURE.md, "Offline built-ins").
 
 - ``stdlib-docs``: real English text, the installed Python's standard-library docstrings read from the source
   files with ``ast`` (importing every stdlib module has side effects), grouped into documents of widely varied

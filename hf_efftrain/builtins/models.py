@@ -1,6 +1,6 @@
 """Built-in model configs: small, randomly initialised members of real HF architecture families (llama, gpt2,
-bert, t5), so every technique of arXiv 2302.01107 can be exercised offline on a CPU (DESIGN.md, "Offline by
-default").
+bert, t5), so every technique of arXiv 2302.01107 can be exercised offline on a CPU (docs/ARCHITECTURE.md, "Offline
+built-ins").
 
 Only configs are built here; the core calls ``AutoModelFor<Task>.from_config`` and infers the task from
 ``config.architectures``.

@@ -1,5 +1,5 @@
-"""The built-in tokenizer: a byte-level BPE trained offline on ``builtin:stdlib-docs`` (DESIGN.md, "Offline by
-default"), saved with ``save_pretrained`` under ``cache_dir("tokenizer-v1")`` and loaded like any local tokenizer.
+"""The built-in tokenizer: a byte-level BPE trained offline on ``builtin:stdlib-docs`` (docs/ARCHITECTURE.md, "Offline
+built-ins"), saved with ``save_pretrained`` under ``cache_dir("tokenizer-v1")`` and loaded like any local tokenizer.
 
 It adds no special tokens by itself (no BOS/EOS post-processor): the data code adds them where a task needs them.
 The 32 ``<extra_id_N>`` sentinels are there for T5-style span corruption.

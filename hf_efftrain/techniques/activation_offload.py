@@ -28,9 +28,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from ..patching import Patches, patch_attr
-from ..registry import register_technique
-from ..technique import ORDER_WRAPPER, Technique, TechniqueConfig
+from ..core.patching import Patches, patch_attr
+from ..core.registry import register_technique
+from ..core.technique import ORDER_WRAPPER, Technique, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ Micikevicius et al., "Mixed Precision Training", ICLR 2018, arXiv 1710.03740 (su
 Quantized training"). bfloat16 has fp32's exponent range, so unlike fp16 it needs no loss scaling; it runs on
 Ampere+ GPUs and, through CPU autocast, on CPUs.
 
-A short name for ``mixed_precision`` with ``dtype: bf16`` (see mixed_precision.py, the one implementation);
-functional core: ``amp_training_args(args, "bf16")``, i.e. ``TrainingArguments(bf16=True)``.
+Alias of ``mixed_precision`` with ``dtype: bf16`` (mixed_precision.py is the one implementation, and the
+canonical way to write it; ``training.bf16`` is refused in a recipe). Functional core:
+``amp_training_args(args, "bf16")``, i.e. ``TrainingArguments(bf16=True)``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..registry import register_technique
-from ..technique import TechniqueConfig
+from ..core.registry import register_technique
+from ..core.technique import TechniqueConfig
 from .mixed_precision import MixedPrecisionConfig, MixedPrecisionTechnique
 
 
@@ -26,10 +27,11 @@ class Bf16Config(TechniqueConfig):
 
 @register_technique
 class Bf16Technique(MixedPrecisionTechnique):
-    """``mixed_precision`` with ``dtype: bf16``: sets ``TrainingArguments.bf16`` (and ``mixed_precision``)."""
+    """Alias of ``mixed_precision`` with ``dtype: bf16``: sets ``TrainingArguments.bf16`` (and ``mixed_precision``)."""
 
     name = "bf16"
     Config = Bf16Config
+    survey_section = "Memory efficiency / Quantized training (alias of mixed_precision dtype: bf16)"
     paper = 'Micikevicius et al. 2018, "Mixed Precision Training", arXiv 1710.03740'
     conflicts = frozenset({"fp16", "mixed_precision"})
     dtype_field = "name"

@@ -44,11 +44,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..core.layers import layer_stacks
+from ..core.patching import Patches, patch_attr
+from ..core.registry import register_technique
+from ..core.technique import ORDER_INIT, Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..layers import layer_stacks
-from ..patching import Patches, patch_attr
-from ..registry import register_technique
-from ..technique import ORDER_INIT, Env, Technique, TechniqueConfig
 from .t_fixup.policies import MODEL_PATH, block_policy, check_recipe_model, proj_params, strip_norms
 
 logger = logging.getLogger(__name__)

@@ -28,11 +28,11 @@ import torch
 from pydantic import Field
 from transformers import TrainerCallback
 
-from ..checkpoint import Diverged, any_rank, latest_valid_checkpoint
+from ..core.patching import Patches, patch_attr
+from ..core.registry import register_technique
+from ..core.technique import Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..patching import Patches, patch_attr
-from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig
+from ..runtime.checkpoint import Diverged, any_rank, latest_valid_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..patching import Patches
-from ..registry import register_technique
-from ..technique import ORDER_INIT, Env, Technique, TechniqueConfig
+from ..core.patching import Patches
+from ..core.registry import register_technique
+from ..core.technique import ORDER_INIT, Env, Technique, TechniqueConfig
 from .t_fixup.policies import (
     blocks_with_policies,
     check_recipe_model,

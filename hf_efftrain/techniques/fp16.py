@@ -5,8 +5,9 @@ Quantized training"): fp32 master copy of the weights, fp16 forward/backward, lo
 gradients survive fp16's narrow exponent range. Needs a CUDA GPU (on a CPU, Accelerate would silently run neither
 the autocast nor the scaler); prefer ``bf16`` where it is supported.
 
-A short name for ``mixed_precision`` with ``dtype: fp16`` (see mixed_precision.py, the one implementation);
-functional core: ``amp_training_args(args, "fp16")``, i.e. ``TrainingArguments(fp16=True)``.
+Alias of ``mixed_precision`` with ``dtype: fp16`` (mixed_precision.py is the one implementation, and the
+canonical way to write it; ``training.fp16`` is refused in a recipe). Functional core:
+``amp_training_args(args, "fp16")``, i.e. ``TrainingArguments(fp16=True)``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..registry import register_technique
-from ..technique import TechniqueConfig
+from ..core.registry import register_technique
+from ..core.technique import TechniqueConfig
 from .mixed_precision import MixedPrecisionConfig, MixedPrecisionTechnique
 
 
@@ -27,10 +28,12 @@ class Fp16Config(TechniqueConfig):
 
 @register_technique
 class Fp16Technique(MixedPrecisionTechnique):
-    """``mixed_precision`` with ``dtype: fp16``: sets ``TrainingArguments.fp16``; Accelerate adds the GradScaler."""
+    """Alias of ``mixed_precision`` with ``dtype: fp16``: sets ``TrainingArguments.fp16``; Accelerate adds the
+    GradScaler."""
 
     name = "fp16"
     Config = Fp16Config
+    survey_section = "Memory efficiency / Quantized training (alias of mixed_precision dtype: fp16)"
     paper = 'Micikevicius et al. 2018, "Mixed Precision Training", arXiv 1710.03740'
     conflicts = frozenset({"bf16", "mixed_precision"})
     dtype_field = "name"

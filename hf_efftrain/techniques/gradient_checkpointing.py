@@ -20,8 +20,8 @@ import torch
 from pydantic import Field
 from transformers import TrainingArguments
 
-from ..registry import register_technique
-from ..technique import Technique, TechniqueConfig
+from ..core.registry import register_technique
+from ..core.technique import Technique, TechniqueConfig
 
 
 def checkpointing_kwargs(use_reentrant: bool = False, every_n_layers: int = 1, offload: bool = False) -> dict:

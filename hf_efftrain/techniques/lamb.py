@@ -42,10 +42,10 @@ import torch
 from pydantic import Field
 from transformers import TrainingArguments
 
-from ..distributed import recipe_optimizer_problem
+from ..core.registry import register_technique
+from ..core.technique import Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig
+from ..runtime.distributed import recipe_optimizer_problem
 
 logger = logging.getLogger(__name__)
 

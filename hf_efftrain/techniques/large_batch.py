@@ -37,9 +37,9 @@ from typing import Any, Literal
 from pydantic import Field
 from transformers import TrainingArguments
 
+from ..core.registry import register_technique
+from ..core.technique import ORDER_DEFAULT, Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..registry import register_technique
-from ..technique import ORDER_DEFAULT, Env, Technique, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 

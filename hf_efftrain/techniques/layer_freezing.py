@@ -34,11 +34,11 @@ from pydantic import Field, NonNegativeInt
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
+from ..core.layers import base_model, layer_stacks
+from ..core.patching import Patch, patch_attr
+from ..core.registry import register_technique
+from ..core.technique import Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..layers import base_model, layer_stacks
-from ..patching import Patch, patch_attr
-from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,10 @@ under ``min_8bit_size`` elements keep float32 state). The classes are ``bnb.opti
 ``optim: lion_8bit``; passing ``optim_bits`` also makes the Trainer keep ``nn.Embedding`` states in 32 bits, as it
 does for its own bitsandbytes optimizers. Paged state lives in CUDA unified memory, so it needs CUDA.
 
+This technique is the one way to get Lion: the Trainer's names (``lion_32bit``, ``lion_8bit``, ``paged_lion_32bit``,
+``paged_lion_8bit``) are refused in ``training.optim`` and in the ``optimizer`` technique, naming the entry here
+(``{name: lion, bits: 8, paged: true}``) that builds the same optimizer.
+
 ``from_adamw: {lr, weight_decay, factor}`` applies the paper's conversion rule (Sec. 5): ``lr = lr_AdamW / factor``
 and ``weight_decay = wd_AdamW * factor``, so the effective decay ``lr * weight_decay`` stays the same.
 """
@@ -36,10 +40,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import TrainingArguments
 
-from ..distributed import recipe_optimizer_problem
+from ..core.registry import register_technique
+from ..core.technique import Env, Technique, TechniqueConfig, has_package
 from ..errors import MissingDependencyError, RecipeError
-from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig, has_package
+from ..runtime.distributed import recipe_optimizer_problem
 
 logger = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ from pydantic import Field
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
-from ..distributed import DEEPSPEED, recipe_optimizer_problem
+from ..core.registry import get_technique, register_technique
+from ..core.technique import Env, Technique, TechniqueConfig, has_package
 from ..errors import MissingDependencyError, RecipeError
-from ..registry import get_technique, register_technique
-from ..technique import Env, Technique, TechniqueConfig, has_package
+from ..runtime.distributed import DEEPSPEED, recipe_optimizer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,9 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 # ---------------------------------------------------------------------------------------------------- AMP
 def amp_training_args(
-    args: TrainingArguments, dtype: Literal["bf16", "fp16"], full_eval: bool = False, path: str = "dtype"
+    args: TrainingArguments, dtype: Literal["bf16", "fp16"], full_eval: bool = False
 ) -> TrainingArguments:
     """``args`` with bf16 or fp16 autocast on (``mixed_precision``, which the Trainer hands to Accelerate)."""
-    other = "fp16" if dtype == "bf16" else "bf16"
-    if getattr(args, other):
-        raise RecipeError(path, f"training.{other} is also set; remove it (bf16 and fp16 are exclusive)")
     changes: dict[str, Any] = {dtype: True, f"{dtype}_full_eval": full_eval or getattr(args, f"{dtype}_full_eval")}
     if dtype == "bf16" and not args.use_cpu and not is_torch_bf16_gpu_available():
         # No bf16-capable accelerator: TrainingArguments only allows bf16 as CPU autocast, with use_cpu.
@@ -247,7 +244,10 @@ _ONLY_FOR = {
 
 @register_technique
 class MixedPrecisionTechnique(Technique):
-    """AMP through TrainingArguments; pure bf16 casts the model and picks BF16AdamW; fp8 swaps Linear layers."""
+    """AMP through TrainingArguments; pure bf16 casts the model and picks BF16AdamW; fp8 swaps Linear layers.
+
+    The one way to set precision in a recipe: ``training.bf16`` / ``training.fp16`` are refused (core/recipe_checks.py)
+    and ``bf16`` / ``fp16`` are this technique's documented aliases for ``dtype: bf16`` / ``dtype: fp16``."""
 
     name = "mixed_precision"
     Config = MixedPrecisionConfig
@@ -329,10 +329,14 @@ class MixedPrecisionTechnique(Technique):
     def training_args(self, args: TrainingArguments) -> TrainingArguments:
         s = self.settings
         if s.pure_bf16:  # the weights themselves are bf16: no autocast needed
-            if args.fp16:
-                raise RecipeError("pure_bf16", "training.fp16 is also set; remove it")
             return args
-        return amp_training_args(args, "fp16" if s.dtype == "fp16" else "bf16", s.full_eval, self.dtype_field)
+        return amp_training_args(args, "fp16" if s.dtype == "fp16" else "bf16", s.full_eval)
+
+    def only_training_args(self) -> bool:
+        """True when all this does is set TrainingArguments (bf16/fp16 autocast, default loss scaling), so the stock
+        Trainer runs it as it is (``Built.plain_trainer``, the benchmark baseline)."""
+        s = self.settings
+        return s.dtype != "fp8" and not s.pure_bf16 and not {"init_scale", "growth_interval"} & s.model_fields_set
 
     def optimizer_cls_and_kwargs(self, args: TrainingArguments) -> tuple[type, dict[str, Any]] | None:
         s = self.settings

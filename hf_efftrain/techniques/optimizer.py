@@ -3,7 +3,8 @@
 The survey's "Optimization" section (Zhuang et al. 2023, arXiv 2302.01107, Sec. 3.1) compares optimizers that
 converge faster or keep less state: AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
 arXiv 1711.05101), Adafactor (arXiv 1804.04235), 8-bit optimizers (Dettmers et al., "8-bit Optimizers via
-Block-wise Quantization", arXiv 2110.02861). Lion has its own technique (``lion``).
+Block-wise Quantization", arXiv 2110.02861). Lion, in every form (the Trainer's ``lion_8bit``, ``paged_lion_32bit``,
+...), is the ``lion`` technique; those names are refused here with the ``lion`` entry to write instead.
 
 ``type`` is ``sgd``, ``adam`` or ``adamw`` (torch classes handed to the Trainer through
 ``optimizer_cls_and_kwargs``) or a ``TrainingArguments.optim`` name such as ``adamw_bnb_8bit`` or ``adafactor``,
@@ -18,24 +19,27 @@ import inspect
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..distributed import recipe_optimizer_problem
+from ..core.recipe_checks import lion_replacement
+from ..core.registry import register_technique
+from ..core.technique import Env, Technique, TechniqueConfig, has_package
 from ..errors import MissingDependencyError, RecipeError
-from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig, has_package
+from ..runtime.distributed import recipe_optimizer_problem
 
 TORCH_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
 }
-TRAINER_OPTIMIZERS: tuple[str, ...] = tuple(n.value for n in OptimizerNames if n.value not in TORCH_OPTIMIZERS)
-# Names the Trainer builds from bitsandbytes (transformers.trainer_optimizer._BITSANDBYTES_OPTIMIZERS).
+TRAINER_OPTIMIZERS: tuple[str, ...] = tuple(
+    n.value for n in OptimizerNames if n.value not in TORCH_OPTIMIZERS and not lion_replacement(n.value)
+)
+# Names the Trainer builds from bitsandbytes (transformers.trainer_optimizer._BITSANDBYTES_OPTIMIZERS, less Lion's).
 BNB_OPTIMIZERS = frozenset(
-    n for n in TRAINER_OPTIMIZERS if "bnb" in n or "lion" in n or "ademamix" in n or n.startswith("paged_")
+    n for n in TRAINER_OPTIMIZERS if "bnb" in n or "ademamix" in n or n.startswith("paged_")
 ) | {"adamw_8bit"}
 # Other third-party packages, checked here so a missing one is a recipe error rather than a traceback mid-run.
 _OTHER_PACKAGES = {
@@ -86,7 +90,7 @@ class OptimizerConfig(TechniqueConfig):
     name: Literal["optimizer"] = "optimizer"
     type: str = Field(
         description="sgd, adam or adamw (torch classes), or any TrainingArguments.optim name "
-        "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, lion_32bit, ...)."
+        "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, ...) except Lion's (the lion technique)."
     )
     lr: float | None = Field(None, gt=0, description="Learning rate; overrides training.learning_rate.")
     weight_decay: float | None = Field(None, ge=0, description="Weight decay; overrides training.weight_decay.")
@@ -101,6 +105,13 @@ class OptimizerConfig(TechniqueConfig):
         default_factory=dict,
         description="Extra optimizer keyword arguments: passed to the torch class, or as optim_args to the Trainer.",
     )
+
+    @field_validator("type")
+    @classmethod
+    def _not_lion(cls, value: str) -> str:
+        if lion_replacement(value):
+            raise ValueError(f"{value} is Lion, which is the lion technique: write {lion_replacement(value)} instead")
+        return value
 
 
 @register_technique

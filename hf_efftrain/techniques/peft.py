@@ -30,10 +30,10 @@ import torch
 from pydantic import Field
 from transformers import TrainerCallback, TrainingArguments
 
-from ..distributed import recipe_optimizer_problem
+from ..core.registry import register_technique
+from ..core.technique import ORDER_ADAPTER, Env, Technique, TechniqueConfig
 from ..errors import MissingDependencyError, RecipeError
-from ..registry import register_technique
-from ..technique import ORDER_ADAPTER, Env, Technique, TechniqueConfig
+from ..runtime.distributed import recipe_optimizer_problem
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class PeftTechnique(Technique):
 
     @classmethod
     def status(cls) -> str:
-        from ..technique import has_package
+        from ..core.technique import has_package
 
         return "ready" if has_package("peft") else "needs peft"
 

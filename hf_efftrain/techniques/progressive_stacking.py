@@ -40,10 +40,10 @@ from pydantic import Field, PositiveInt
 from torch import nn
 from transformers import TrainerCallback
 
+from ..core.layers import base_model, layer_stacks
+from ..core.registry import register_technique
+from ..core.technique import Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..layers import base_model, layer_stacks
-from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 

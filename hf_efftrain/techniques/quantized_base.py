@@ -32,9 +32,9 @@ from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from ..builtins import is_builtin
+from ..core.registry import register_technique
+from ..core.technique import ORDER_ADAPTER, Env, Technique, TechniqueConfig, has_package
 from ..errors import MissingDependencyError, RecipeError
-from ..registry import register_technique
-from ..technique import ORDER_ADAPTER, Env, Technique, TechniqueConfig, has_package
 
 logger = logging.getLogger(__name__)
 

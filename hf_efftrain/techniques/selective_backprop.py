@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..patching import Patch, patch_attr
-from ..registry import register_technique
-from ..technique import Technique, TechniqueConfig
+from ..core.patching import Patch, patch_attr
+from ..core.registry import register_technique
+from ..core.technique import Technique, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 

@@ -49,10 +49,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from ..core.patching import Patch, patch_attr
+from ..core.registry import register_technique
+from ..core.technique import Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..patching import Patch, patch_attr
-from ..registry import register_technique
-from ..technique import Env, Technique, TechniqueConfig
 from .packing import FLASH_KEYS, flash_varlen_kwargs
 
 logger = logging.getLogger(__name__)

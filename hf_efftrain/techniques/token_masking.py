@@ -40,9 +40,9 @@ import torch
 from pydantic import Field
 from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+from ..core.registry import register_technique
+from ..core.technique import Technique, TechniqueConfig
 from ..errors import RecipeError
-from ..registry import register_technique
-from ..technique import Technique, TechniqueConfig
 
 logger = logging.getLogger(__name__)
 _DROP_KEYS = ("decoder_input_ids", "decoder_attention_mask", "special_tokens_mask")

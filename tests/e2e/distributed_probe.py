@@ -1,4 +1,4 @@
-"""Run ``hf_efftrain.run.train(recipe)`` under ``accelerate launch`` and record what each process saw.
+"""Run ``hf_efftrain.core.run.train(recipe)`` under ``accelerate launch`` and record what each process saw.
 
 Usage (from the repository root): ``accelerate launch --config_file accelerate_configs/X.yaml
 tests/e2e/distributed_probe.py RECIPE OUT_DIR``. The run is the real CLI path (``train()`` builds, trains, writes
@@ -55,7 +55,7 @@ def optimizer_chain(optimizer: Any) -> list[str]:
 
 
 def main(recipe_path: str, out_dir: str) -> None:
-    import hf_efftrain.run as run
+    import hf_efftrain.core.run as run
 
     probe: dict[str, Any] = {"rows": []}
     captured: dict[str, Any] = {}

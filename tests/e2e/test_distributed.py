@@ -197,11 +197,11 @@ def _ds_env(tmp_path: Path, ds: dict, name: str = "ds.json") -> dict[str, str]:
     ids=["lion", "lion8", "adamw_bnb_8bit", "lamb", "loraplus"],
 )
 def test_optimizer_techniques_refuse_deepspeed_configs_that_would_replace_them(tmp_path, tiny_recipe, technique):
-    from hf_efftrain.build import make_techniques
-    from hf_efftrain.distributed import deepspeed_config_of, engine_of
+    from hf_efftrain.core.build import make_techniques
+    from hf_efftrain.core.recipe import Recipe
+    from hf_efftrain.core.technique import Env
     from hf_efftrain.errors import RecipeError
-    from hf_efftrain.recipe import Recipe
-    from hf_efftrain.technique import Env
+    from hf_efftrain.runtime.distributed import deepspeed_config_of, engine_of
 
     recipe = Recipe.parse(tiny_recipe(techniques=[technique]))
 
@@ -228,7 +228,7 @@ def test_optimizer_techniques_refuse_deepspeed_configs_that_would_replace_them(t
 
 
 def test_engine_and_deepspeed_config_come_from_the_launch_environment(tmp_path):
-    from hf_efftrain.distributed import deepspeed_config_of, engine_of, launch_training_defaults
+    from hf_efftrain.runtime.distributed import deepspeed_config_of, engine_of, launch_training_defaults
 
     assert engine_of({}) is None and deepspeed_config_of({}) is None
     assert engine_of({"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
@@ -243,8 +243,8 @@ def test_engine_and_deepspeed_config_come_from_the_launch_environment(tmp_path):
 def test_tensor_parallel_launch_loads_a_saved_model_sharded_and_refuses_what_cannot_work():
     from transformers.distributed import DistributedConfig
 
-    from hf_efftrain.distributed import launch_model_kwargs, tensor_parallel_size
     from hf_efftrain.errors import RecipeError
+    from hf_efftrain.runtime.distributed import launch_model_kwargs, tensor_parallel_size
 
     config = CONFIGS / "tp.yaml"
     from accelerate.commands.config.config_args import load_config_from_file
@@ -270,8 +270,8 @@ def test_tensor_parallel_two_gpus_trains_a_sharded_model(tmp_path, tiny_recipe):
         pytest.skip("needs 2 GPUs")
     from transformers import AutoModelForCausalLM
 
-    from hf_efftrain.build import load_config, load_tokenizer
-    from hf_efftrain.recipe import Recipe
+    from hf_efftrain.core.build import load_config, load_tokenizer
+    from hf_efftrain.core.recipe import Recipe
 
     recipe = Recipe.parse(tiny_recipe())
     tokenizer = load_tokenizer(recipe)

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build
+from hf_efftrain.core.build import build
 
 ROOT = Path(__file__).resolve().parents[2]
 N, K = 8, 4
@@ -196,10 +196,10 @@ STATEFUL = [c for c, (*_, matters) in CASES.items() if matters]
 def test_dropping_technique_state_breaks_resume(tmp_path, case, monkeypatch, straight_run):
     """The configs above really exercise the state: without ``efftrain_state.pt`` the resumed run goes wrong
     (other losses after K, or, for progressive_stacking, an optimizer that no longer fits the model)."""
-    import hf_efftrain.trainer
+    import hf_efftrain.core.trainer
 
     straight, checkpoint = straight_run(case)
-    monkeypatch.setattr(hf_efftrain.trainer, "load_technique_state", lambda *a, **k: None)
+    monkeypatch.setattr(hf_efftrain.core.trainer, "load_technique_state", lambda *a, **k: None)
     try:
         resumed = train_steps(tmp_path / "resumed", case, resume=checkpoint)
     except ValueError as e:  # progressive_stacking: the 2-layer optimizer state does not fit a 1-layer model

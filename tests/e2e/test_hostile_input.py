@@ -313,7 +313,7 @@ def test_null_empty_and_long_rows_are_skipped_or_truncated_and_counted(tmp_path,
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     recipe = tiny_recipe(data=own_data(path, max_length=16), training={"max_steps": 1})
-    caplog.set_level(logging.INFO, logger="hf_efftrain.data")
+    caplog.set_level(logging.INFO, logger="hf_efftrain.core.data")
     code, err = run_cli(capsys, "train", str(write_recipe(tmp_path, recipe)))
     assert code == 0, err
     report = json.loads((Path(recipe["training"]["output_dir"]) / "run_report.json").read_text())
@@ -329,8 +329,8 @@ def test_truncation_flags_match_a_reference_count(task):
     import datasets
 
     from hf_efftrain.builtins import get_tokenizer
-    from hf_efftrain.data import tokenize
-    from hf_efftrain.recipe import DataSection
+    from hf_efftrain.core.data import tokenize
+    from hf_efftrain.core.recipe import DataSection
 
     tok = get_tokenizer()
     limit = 40 if task == "sft" else 12  # the SFT template alone takes a dozen tokens
@@ -353,7 +353,7 @@ def test_truncation_flags_match_a_reference_count(task):
         expected_trunc = sum(max(n(p), n(r)) + 1 > limit for p, r in pairs)
         expected_skip = sum(n(p) == 0 or n(r) == 0 for p, r in pairs)
     else:  # sft: bos + template(prompt), then response + eos
-        from hf_efftrain.data import SFT_TEMPLATE
+        from hf_efftrain.core.data import SFT_TEMPLATE
 
         pairs = list(zip(texts, reversed(texts)))
         lengths = [(1 + n(SFT_TEMPLATE.format(prompt=p)) if p is not None else 1, n(r) + 1) for p, r in pairs]
@@ -373,7 +373,7 @@ def test_rows_with_null_labels_are_skipped_and_logged(tmp_path, capsys, caplog, 
         model={"name_or_path": "builtin:tiny-bert", "task": "classification"},
         training={"max_steps": 1},
     )
-    caplog.set_level(logging.INFO, logger="hf_efftrain.data")
+    caplog.set_level(logging.INFO, logger="hf_efftrain.core.data")
     code, err = run_cli(capsys, "train", str(write_recipe(tmp_path, recipe)))
     assert code == 0, err
     assert "data.train: 8 of 24 rows skipped (null label)" in caplog.text

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from hf_efftrain.checkpoint import MANIFEST_FILE, verify_checkpoint
 from hf_efftrain.cli import EXIT_PREEMPTED
+from hf_efftrain.runtime.checkpoint import MANIFEST_FILE, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build
-from hf_efftrain.checkpoint import MANIFEST_FILE, STAGING_DIR, verify_checkpoint
 from hf_efftrain.cli import EXIT_USER_ERROR, main
-from hf_efftrain.run import train
+from hf_efftrain.core.build import build
+from hf_efftrain.core.run import train
+from hf_efftrain.runtime.checkpoint import MANIFEST_FILE, STAGING_DIR, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -177,14 +177,14 @@ def test_shipped_recipes_run_quickstart_then_sft(tmp_path):
         )
     )
     assert sft["task"] == "sft" and sft["train_loss_final"] < sft["train_loss_first"]
-    assert [t["name"] for t in pre["techniques"]] == ["lion", "attention", "bf16"]
+    assert [t["name"] for t in pre["techniques"]] == ["lion", "mixed_precision"]
 
 
 @pytest.mark.parametrize("case", ["causal_lm/llama", "masked_lm/bert", "seq2seq/t5"])
 def test_gradient_accumulation_gives_the_same_gradient_as_one_big_batch(tiny_recipe, case):
     """BERT/T5 heads ignore num_items_in_batch although their forward takes **kwargs; without build's
     declare_loss_kwargs the Trainer would skip dividing by the accumulation steps (gradient 2x too large)."""
-    from hf_efftrain.build import build
+    from hf_efftrain.core.build import build
 
     model, data = TASKS[case]
     grads = []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_efftrain.technique import Env
-from hf_efftrain.techniques.attention import AttentionTechnique
+from hf_efftrain.core.recipe_checks import check_attention_env
+from hf_efftrain.core.technique import Env
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,15 +33,14 @@ def _model(implementation: str) -> LlamaForCausalLM:
         use_cache=False,
     )
     torch.manual_seed(0)
-    kwargs = AttentionTechnique(implementation=implementation).model_kwargs({"dtype": torch.bfloat16})
-    model = LlamaForCausalLM._from_config(config, **kwargs).cuda()
+    model = LlamaForCausalLM._from_config(config, attn_implementation=implementation, dtype=torch.bfloat16).cuda()
     assert model.config._attn_implementation == implementation
     return model
 
 
 def test_fast_attention_matches_eager_bf16():
     env = Env.detect()
-    AttentionTechnique(implementation=FAST).validate(None, env)
+    check_attention_env(FAST, env)
 
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, 256, (4, 128), generator=g).cuda()

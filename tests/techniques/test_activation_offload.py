@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.activation_offload import (
     ActivationOffloadConfig,
     ActivationOffloader,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
 from hf_efftrain.techniques.bf16 import Bf16Config, Bf16Technique
 
 
@@ -55,6 +55,7 @@ def test_contract():
         assert field_name == "name" or field.description
 
 
-def test_training_fp16_is_a_recipe_error(tiny):
-    with pytest.raises(RecipeError, match="training.fp16"):
-        Bf16Technique().training_args(tiny.args(fp16=True))
+def test_documented_alias_of_mixed_precision():
+    assert "alias of mixed_precision dtype: bf16" in Bf16Technique.survey_section
+    assert "Alias of ``mixed_precision`` with ``dtype: bf16``" in Bf16Technique.__doc__
+    assert Bf16Technique().settings.dtype == "bf16" and Bf16Technique().only_training_args()

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build, make_techniques
 from hf_efftrain.builtins import builtin_config, get_tokenizer
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
 from hf_efftrain.techniques import data_pruning as dp
 from hf_efftrain.techniques.data_pruning import (
     DataPruningConfig,

@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from hf_efftrain import Recipe, RecipeError
-from hf_efftrain.build import build, make_techniques
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.deepnorm import DeepnormConfig, DeepnormTechnique, apply_deepnorm, deepnorm_constants
 
 D = 32

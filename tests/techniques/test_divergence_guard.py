@@ -10,11 +10,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build, make_techniques
-from hf_efftrain.checkpoint import Diverged
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.registry import _REGISTRY, register_technique
+from hf_efftrain.core.technique import Technique, TechniqueConfig
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import _REGISTRY, register_technique
-from hf_efftrain.technique import Technique, TechniqueConfig
+from hf_efftrain.runtime.checkpoint import Diverged
 from hf_efftrain.techniques.divergence_guard import DivergenceGuard
 
 

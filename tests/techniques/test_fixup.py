@@ -12,8 +12,8 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.build import build
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.fixup import (
     FixupConfig,
     FixupTechnique,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
 from hf_efftrain.techniques.fp16 import Fp16Config, Fp16Technique
 
 
@@ -47,6 +47,7 @@ def test_stock_trainer_step_on_cuda(tiny):
     assert all(torch.isfinite(torch.tensor(tiny.losses(trainer))))
 
 
-def test_training_bf16_is_a_recipe_error(tiny):
-    with pytest.raises(RecipeError, match="training.bf16"):
-        Fp16Technique().training_args(tiny.args(bf16=True))
+def test_documented_alias_of_mixed_precision():
+    assert "alias of mixed_precision dtype: fp16" in Fp16Technique.survey_section
+    assert "Alias of ``mixed_precision`` with ``dtype: fp16``" in Fp16Technique.__doc__
+    assert Fp16Technique().settings.dtype == "fp16" and Fp16Technique().only_training_args()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.gradient_checkpointing import (
     GradientCheckpointingConfig,
     GradientCheckpointingTechnique,

@@ -9,9 +9,9 @@ import pydantic
 import pytest
 import torch
 
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
 from hf_efftrain.techniques.lamb import (
     Lamb,
     LambConfig,

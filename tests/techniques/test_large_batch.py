@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hf_efftrain import Recipe, train
-from hf_efftrain.build import make_techniques, make_training_args
+from hf_efftrain.core.build import make_techniques, make_training_args
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import ORDER_DEFAULT, Env
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import ORDER_DEFAULT, Env
 from hf_efftrain.techniques.large_batch import (
     LargeBatchConfig,
     LargeBatchTechnique,

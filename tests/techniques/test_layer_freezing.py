@@ -16,10 +16,10 @@ from transformers import (
 )
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build, make_techniques
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
 from hf_efftrain.techniques.layer_freezing import (
     LayerFreezer,
     LayerFreezingConfig,

@@ -7,10 +7,10 @@ import pydantic
 import pytest
 import torch
 
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.metrics import optimizer_state_bytes
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
+from hf_efftrain.runtime.metrics import optimizer_state_bytes
 from hf_efftrain.techniques.lion import Lion, LionConfig, LionTechnique, lion_hparams_from_adamw
 
 
@@ -346,3 +346,39 @@ def test_paged_lion_on_cuda(bits):
     opt.step()
     assert getattr(opt.state[p]["state1"], "is_paged", False)
     assert torch.isfinite(p).all()
+
+
+# ---- one way to get Lion -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "optim, entry",
+    [
+        ("lion_32bit", "{name: lion}"),
+        ("lion_8bit", "{name: lion, bits: 8}"),
+        ("paged_lion_32bit", "{name: lion, paged: true}"),
+        ("paged_lion_8bit", "{name: lion, bits: 8, paged: true}"),
+    ],
+)
+def test_trainer_lion_names_in_training_optim_are_refused(tiny_recipe, optim, entry):
+    from hf_efftrain import Recipe
+
+    with pytest.raises(RecipeError) as err:
+        Recipe.parse(tiny_recipe(training={"optim": optim}))
+    assert str(err.value) == (
+        f"training.optim: {optim!r} is Lion, which is the lion technique: remove this and add {entry} to techniques"
+    )
+    assert Recipe.parse(tiny_recipe(training={"optim": "adamw_torch"})).training["optim"] == "adamw_torch"
+
+
+def test_8bit_lion_recipe_trains_end_to_end(tiny_recipe):
+    bnb = pytest.importorskip("bitsandbytes")
+    from hf_efftrain import Recipe
+    from hf_efftrain.core.build import build
+
+    recipe = Recipe.parse(tiny_recipe(training={"max_steps": 2}, techniques=[{"name": "lion", "bits": 8}]))
+    built = build(recipe, BNB)
+    built.trainer.train()
+    opt = built.trainer.optimizer.optimizer
+    assert type(opt) is bnb.optim.Lion and opt.args.optim_bits == 8
+    assert any(s["state1"].dtype == torch.uint8 for s in opt.state.values())
+    losses = [e["loss"] for e in built.trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

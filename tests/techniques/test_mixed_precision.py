@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_efftrain.build import build, make_techniques
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.recipe import Recipe
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env, has_package
+from hf_efftrain.core.trainer import EffTrainer
 from hf_efftrain.errors import MissingDependencyError, RecipeError
-from hf_efftrain.metrics import optimizer_state_bytes
-from hf_efftrain.recipe import Recipe
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env, has_package
+from hf_efftrain.runtime.metrics import optimizer_state_bytes
 from hf_efftrain.techniques.mixed_precision import (
     BF16AdamW,
     MixedPrecisionConfig,
@@ -22,7 +23,6 @@ from hf_efftrain.techniques.mixed_precision import (
     stochastic_round_to_bf16,
     to_pure_bf16,
 )
-from hf_efftrain.trainer import EffTrainer
 
 
 def _param_and_state_bytes(model: torch.nn.Module, optimizer) -> int:
@@ -191,8 +191,49 @@ def test_fp16_needs_cuda_and_says_why(tiny):
     assert err.value.path == "dtype"
     args = MixedPrecisionTechnique(dtype="fp16").training_args(tiny.args())
     assert args.fp16 and args.mixed_precision == "fp16"
-    with pytest.raises(RecipeError, match="training.bf16"):
-        MixedPrecisionTechnique(dtype="fp16").training_args(tiny.args(bf16=True))
+
+
+def test_the_technique_is_the_one_way_to_set_precision(tiny_recipe):
+    for field, entry in [
+        ("bf16", "{name: mixed_precision, dtype: bf16}"),
+        ("fp16", "{name: mixed_precision, dtype: fp16}"),
+        ("bf16_full_eval", "{name: mixed_precision, dtype: bf16, full_eval: true}"),
+        ("fp16_full_eval", "{name: mixed_precision, dtype: fp16, full_eval: true}"),
+    ]:
+        with pytest.raises(RecipeError) as err:
+            Recipe.parse(tiny_recipe(training={field: True}))
+        assert str(err.value) == (
+            f"training.{field}: precision is the mixed_precision technique: remove this and add {entry} to techniques"
+        )
+    # The canonical way, end to end: bf16 autocast over fp32 weights in the EffTrainer ...
+    recipe = Recipe.parse(
+        tiny_recipe(training={"max_steps": 2}, techniques=[{"name": "mixed_precision", "dtype": "bf16"}])
+    )
+    built = build(recipe, Env())
+    assert built.args.bf16 and built.args.mixed_precision == "bf16"
+    built.trainer.train()
+    assert built.trainer.accelerator.mixed_precision == "bf16"
+    assert all(p.dtype == torch.float32 for p in built.model.parameters())
+    # ... and in the benchmark baseline (the stock Trainer), which takes a technique that only sets the arguments.
+    plain = built.plain_trainer()
+    assert type(plain).__name__ == "Trainer" and plain.args.bf16
+    plain.train()
+    assert plain.accelerator.mixed_precision == "bf16"
+    assert len([e for e in plain.state.log_history if "loss" in e]) == 2
+
+
+def test_only_training_args_decides_what_the_stock_trainer_baseline_takes(tiny_recipe):
+    assert MixedPrecisionTechnique(dtype="bf16").only_training_args()
+    assert MixedPrecisionTechnique(dtype="fp16").only_training_args()
+    assert not MixedPrecisionTechnique(dtype="fp16", init_scale=128.0).only_training_args()  # set in on_trainer
+    assert not MixedPrecisionTechnique(pure_bf16=True).only_training_args()
+    assert not MixedPrecisionTechnique(dtype="fp8").only_training_args()
+    recipe = Recipe.parse(tiny_recipe(training={"max_steps": 1}, techniques=[{"name": "bf16"}, {"name": "lion"}]))
+    with pytest.raises(RecipeError) as err:
+        build(recipe, Env()).plain_trainer()
+    assert str(err.value) == (
+        "techniques[1]: lion runs in the training loop; the stock-Trainer baseline cannot run it"
+    )
 
 
 def test_set_loss_scaler_gives_dynamic_scaling():
@@ -287,3 +328,22 @@ def test_fp8_training_on_hopper(tiny):
     trainer = tiny.train(model, args)
     losses = tiny.losses(trainer)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "field, entry",
+    [
+        ("bf16", "{name: mixed_precision, dtype: bf16}"),
+        ("bf16_full_eval", "{name: mixed_precision, dtype: bf16, full_eval: true}"),
+        ("fp16", "{name: mixed_precision, dtype: fp16}"),
+        ("fp16_full_eval", "{name: mixed_precision, dtype: fp16, full_eval: true}"),
+    ],
+)
+def test_training_precision_fields_are_refused_for_the_technique(tiny_recipe, field, entry):
+    with pytest.raises(RecipeError) as err:
+        Recipe.parse(tiny_recipe(training={field: True}, techniques=[{"name": "lion"}]))
+    assert str(err.value) == (
+        f"training.{field}: precision is the mixed_precision technique: remove this and add {entry} to techniques"
+    )
+    with pytest.raises(RecipeError, match=f"training.{field}: precision is"):
+        Recipe.parse(tiny_recipe(training={field: False}))  # refused whatever the value: one way to say it

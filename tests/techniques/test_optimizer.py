@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from transformers.training_args import OptimizerNames
 
+from hf_efftrain import Recipe
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
 from hf_efftrain.errors import MissingDependencyError, RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
 from hf_efftrain.techniques.optimizer import (
     BNB_OPTIMIZERS,
     OptimizerConfig,
@@ -84,6 +86,29 @@ def test_unknown_type_lists_allowed():
     assert err.value.path == "type"
     assert "allowed: sgd, adam, adamw" in err.value.message
     assert "adamw_bnb_8bit" in err.value.message and "adafactor" in err.value.message
+    assert "lion" not in err.value.message  # Lion is the lion technique
+
+
+@pytest.mark.parametrize(
+    "optim, entry",
+    [
+        ("lion_32bit", "{name: lion}"),
+        ("lion_8bit", "{name: lion, bits: 8}"),
+        ("paged_lion_32bit", "{name: lion, paged: true}"),
+        ("paged_lion_8bit", "{name: lion, bits: 8, paged: true}"),
+    ],
+)
+def test_lion_names_are_refused_for_the_lion_technique(tiny_recipe, optim, entry):
+    assert {n.value for n in OptimizerNames if "lion" in n.value} == {
+        "lion_32bit", "lion_8bit", "paged_lion_32bit", "paged_lion_8bit"
+    }  # fmt: skip
+    techniques = [{"name": "bf16"}, {"name": "optimizer", "type": optim}]
+    with pytest.raises(RecipeError) as err:
+        Recipe.parse(tiny_recipe(techniques=techniques))
+    assert str(err.value) == f"techniques[1].type: {optim} is Lion, which is the lion technique: write {entry} instead"
+    # What it says to write parses, and is the same optimizer (bitsandbytes' Lion for bits 8 / paged).
+    lion = Recipe.parse(tiny_recipe(techniques=[yaml.safe_load(entry)])).techniques[0]
+    assert (lion.bits, lion.paged) == (8 if "8bit" in optim else 32, optim.startswith("paged_"))
 
 
 def test_bnb_missing_is_a_dependency_error():
@@ -111,7 +136,7 @@ def test_field_errors(fields, path):
 def test_bnb_names_match_transformers():
     from transformers.trainer_optimizer import _BITSANDBYTES_OPTIMIZERS
 
-    assert BNB_OPTIMIZERS == {n.value for n in _BITSANDBYTES_OPTIMIZERS}
+    assert BNB_OPTIMIZERS == {n.value for n in _BITSANDBYTES_OPTIMIZERS if "lion" not in n.value}
 
 
 def test_optim_args_string_and_contract():

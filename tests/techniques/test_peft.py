@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer
 
-from hf_efftrain.build import build, make_techniques
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.recipe import Recipe
+from hf_efftrain.core.run import train as run_train
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.recipe import Recipe
-from hf_efftrain.run import train as run_train
 from hf_efftrain.techniques.peft import (
     LoraPlusFactory,
     MergeAndSaveCallback,

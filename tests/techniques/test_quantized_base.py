@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_efftrain.build import build, make_techniques
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.recipe import Recipe
+from hf_efftrain.core.run import train as run_train
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.recipe import Recipe
-from hf_efftrain.run import train as run_train
 from hf_efftrain.techniques.peft import apply_peft
 from hf_efftrain.techniques.quantized_base import (
     QuantizedBaseTechnique,

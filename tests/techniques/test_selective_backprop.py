@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer
 
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.trainer import STATE_FILE, EffTrainer
 from hf_efftrain.techniques.selective_backprop import (
     SelectiveBackprop,
     SelectiveBackpropConfig,
@@ -21,7 +22,6 @@ from hf_efftrain.techniques.selective_backprop import (
     per_example_loss,
     percentile_rank,
 )
-from hf_efftrain.trainer import STATE_FILE, EffTrainer
 
 
 def test_percentile_rank_by_hand():

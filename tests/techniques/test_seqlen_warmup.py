@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build
+from hf_efftrain.core.build import build
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
 from hf_efftrain.techniques.packing import PackedCollator, flash_varlen_kwargs, pack_dataset
 from hf_efftrain.techniques.seqlen_warmup import (
     SeqLenWarmup,

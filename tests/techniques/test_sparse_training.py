@@ -12,10 +12,11 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainerControl, TrainerState
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build, make_techniques
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.registry import get_technique
+from hf_efftrain.core.technique import Env
+from hf_efftrain.core.trainer import STATE_FILE
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.registry import get_technique
-from hf_efftrain.technique import Env
 from hf_efftrain.techniques.sparse_training import (
     SparseTrainingCallback,
     SparseTrainingConfig,
@@ -29,7 +30,6 @@ from hf_efftrain.techniques.sparse_training import (
     rigl_update,
     to_semi_structured,
 )
-from hf_efftrain.trainer import STATE_FILE
 
 
 # ---- the math by hand -------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from transformers import (
 )
 
 from hf_efftrain import Recipe, RecipeError
-from hf_efftrain.build import build, make_techniques
-from hf_efftrain.layers import layer_stacks
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.build import build, make_techniques
+from hf_efftrain.core.layers import layer_stacks
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.t_fixup import (
     TFixupConfig,
     TFixupTechnique,

@@ -11,7 +11,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from hf_efftrain import Recipe, RecipeError, train
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.token_dropping import (
     TokenDropper,
     TokenDroppingCallback,
@@ -354,7 +354,7 @@ def test_errors(tiny, tiny_recipe):
         TokenDropper(t5)
     with pytest.raises(RecipeError, match="masked-LM encoder"):
         TokenDropper(llama(tiny), strategy="importance", importance=TokenImportance(128))
-    from hf_efftrain.build import make_techniques
+    from hf_efftrain.core.build import make_techniques
 
     flex = tiny_recipe(model={"name_or_path": "builtin:tiny-llama", "attn_implementation": "flex_attention"},
                        techniques=[{"name": "token_dropping"}])  # fmt: skip

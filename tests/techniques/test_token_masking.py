@@ -16,9 +16,9 @@ from transformers import (
 )
 
 from hf_efftrain import Recipe, RecipeError, train
-from hf_efftrain.build import make_techniques
 from hf_efftrain.builtins import get_tokenizer
-from hf_efftrain.registry import get_technique
+from hf_efftrain.core.build import make_techniques
+from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.token_masking import (
     MaskingCollator,
     TokenMasker,

@@ -1,6 +1,7 @@
 """``hf-efftrain bench`` and ``hf-efftrain report``: a real tiny matrix run (stock Trainer baseline, a Lion row, a
-row that fails at run time and one that fails validation), the target-loss arithmetic on synthetic curves, and
-the matrix's user errors."""
+row that fails at run time, one that fails validation, and one that fine-tunes the model of a prepare run), the
+target-loss arithmetic on synthetic curves, prepare runs that fail, the matrix's user errors, and every matrix in
+``benchmarks/`` composing into valid recipes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_efftrain.bench import load_matrix
-from hf_efftrain.bench_report import FIGURES, compare, first_reach, smooth, step_time, value_at
+from hf_efftrain.bench import runner
+from hf_efftrain.bench.compare import FIGURES, compare, field_value, first_reach, smooth, step_time, value_at
+from hf_efftrain.bench.matrix import compose_prepare, compose_rows, load_matrix
 from hf_efftrain.cli import main
+from hf_efftrain.core.recipe import Recipe
 from hf_efftrain.errors import RecipeError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[2]
+FIELDS = ["params_trainable", "techniques.lion.config.lr"]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +33,11 @@ def bench_out(tmp_path_factory):
             "training": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "seed": 0},
         },
         "smoothing_window": 2,
+        "prepare": [{"name": "pre", "set": ["training.max_steps=2"]}],
+        "report_fields": FIELDS,
         "variants": [
             {"name": "lion", "techniques": [{"name": "lion", "lr": 1e-3}]},
+            {"name": "from_prepared", "set": ["model.name_or_path={prepare.pre}"]},  # fine-tunes the prepared model
             {"name": "no_data", "set": ["data.train=/nonexistent/train.jsonl"]},  # fails inside its run
             {"name": "unknown", "techniques": [{"name": "no_such_technique"}]},  # fails validation
         ],
@@ -44,10 +52,10 @@ def bench_out(tmp_path_factory):
 def test_bench_writes_rows_table_and_plots(bench_out):
     results = json.loads((bench_out / "results.json").read_text())
     rows = results["rows"]
-    assert set(rows) == {"baseline", "lion", "no_data", "unknown"}
-    for name in ("baseline", "lion"):
+    assert set(rows) == {"baseline", "lion", "from_prepared", "no_data", "unknown"}
+    for name in ("baseline", "lion", "from_prepared"):
         run = rows[name]["runs"][0]
-        assert set(run) == set(FIGURES)
+        assert set(run) == {*FIGURES, *FIELDS}
         for key in ("tokens_per_second", "step_time_s", "peak_rss_bytes", "planned_peak_bytes", "mfu",
                     "optimizer_state_bytes", "loss_at_equal_steps", "loss_at_equal_time", "final_loss"):  # fmt: skip
             assert isinstance(run[key], (int, float)) and run[key] > 0, (name, key, run[key])
@@ -68,11 +76,25 @@ def test_bench_writes_rows_table_and_plots(bench_out):
     assert [t["name"] for t in lion_report["techniques"]] == ["lion"]
     assert len(baseline_report["loss_curve"]) == 4 and baseline_report["loss_curve"][-1]["tokens"] > 0
 
+    # The prepare run trained once, its model saved in a folder the row loaded; its report is kept, its model not.
+    assert results["prepare"]["pre"]["error"] is None and results["prepare"]["pre"]["steps"] == 2
+    assert (bench_out / "prepare/pre/run_report.json").is_file() and set(results["errors"]) == {"no_data", "unknown"}
+    prepared_report = json.loads((bench_out / "runs/from_prepared/r0/run_report.json").read_text())
+    assert Path(prepared_report["recipe"]["model"]["name_or_path"]).parts[-2:] == ("_prepare", "pre")
+    assert prepared_report["params_total"] == baseline_report["params_total"]
+    # report_fields: read from each run's report; a technique's entry by its name, None where a row has none.
+    assert rows["lion"]["runs"][0]["techniques.lion.config.lr"] == 1e-3 and base["runs"][0][FIELDS[1]] is None
+    assert rows["lion"]["runs"][0]["params_trainable"] == baseline_report["params_trainable"] > 0
+    assert not any(rows[n]["same_losses_as_baseline"] for n in ("lion", "from_prepared"))  # other optimizer / start
+
     assert "data.train" in results["errors"]["no_data"]
     assert "no_such_technique" in results["errors"]["unknown"]
     md = (bench_out / "results.md").read_text()
     baseline_line = next(line for line in md.splitlines() if line.startswith("| baseline |"))
     assert "[1.00x]" in baseline_line
+    header = md.splitlines()[2]
+    assert "| eval loss |" in header and header.endswith("| params_trainable | lr |")
+    assert "- Prepared once before the rows (not in the table): `pre`, 2 steps" in md
     assert "| no_data | failed |" in md and "| unknown | failed |" in md and "`no_data` failed:" in md
     for name in ("loss_vs_time.png", "loss_vs_tokens.png", "memory.png"):
         assert (bench_out / name).read_bytes()[:8] == PNG_MAGIC
@@ -149,6 +171,103 @@ def test_target_time_tokens_and_equal_points_on_synthetic_curves():
     assert c["target_source"] == "given" and (spread["min"], spread["median"], spread["max"]) == (6.0, 9.0, 12.0)
 
 
+def test_same_losses_and_report_fields_on_synthetic_reports():
+    base = {"loss_curve": _curve([3.0, 2.0, 1.0], 1.0), "techniques": [{"name": "lion", "report": {"bits": 8}}]}
+    twin = {"loss_curve": _curve([3.0, 2.0, 1.0], 0.5)}  # the same losses at every step, faster
+    other = {"loss_curve": _curve([3.0, 2.0, 1.5], 1.0)}
+    c = compare(
+        {"base": [base], "twin": [twin, twin], "other": [other]}, "base", fields=["techniques.lion.report.bits"]
+    )
+    assert [c["rows"][n]["same_losses_as_baseline"] for n in ("twin", "other")] == [True, False]
+    assert c["rows"]["base"]["runs"][0]["techniques.lion.report.bits"] == 8
+    assert c["rows"]["twin"]["summary"]["techniques.lion.report.bits"]["median"] is None
+    assert field_value(base, "techniques.lion.report.bits") == 8 and field_value(base, "techniques.lion.x.y") is None
+    assert field_value(base, "loss_curve.0") is None  # a list without names is not indexed
+
+
+# ---------------------------------------------------------------------------------------------------- prepare runs
+
+
+def _fake_report(losses):
+    return {"loss_curve": _curve(losses, 1.0), "peak_memory_bytes": {"cpu_rss": 1000}, "steps": len(losses),
+            "wall_time_s": float(len(losses)), "train_loss_final": losses[-1], "eval_loss": None}  # fmt: skip
+
+
+def test_a_failed_prepare_run_fails_the_rows_that_need_it(tmp_path, monkeypatch, tiny_recipe):
+    ran = []
+
+    def run_row(row, work, keep, timeout_s):
+        ran.append((row.name, str(work)))
+        return (None, "exit 1: boom") if row.name == "broken" else (_fake_report([3.0, 2.0]), None)
+
+    monkeypatch.setattr(runner, "run_row", run_row)
+    monkeypatch.setattr(runner, "import_rss", lambda: 100)
+    monkeypatch.setattr(runner, "planned_bytes", lambda row: None)
+    scored_by_fine = {"score": "perplexity", "reference_model": "{prepare.fine}"}
+    matrix = {
+        "recipe": tiny_recipe(),
+        "prepare": [
+            {"name": "broken"},
+            {"name": "after", "set": ["model.name_or_path={prepare.broken}"]},  # needs the failed one: not run
+            {"name": "fine"},
+        ],
+        "variants": [
+            {"name": "needs_broken", "set": ["model.name_or_path={prepare.broken}"]},
+            {"name": "needs_fine", "techniques": [{"name": "data_pruning", **scored_by_fine}]},
+            {"name": "typo", "set": ["model.name_or_path={prepare.nope}"]},
+        ],
+    }
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    results = runner.bench(path, out=tmp_path / "out")
+    names = [name for name, _ in ran]
+    assert names == ["broken", "fine", "baseline", "needs_fine"]  # prepare runs first, once each
+    fine_dir = dict(ran)["fine"]  # the rows' {prepare.fine} is where that run trained
+    assert results["recipes"]["needs_fine"]["techniques"][0]["reference_model"] == str(Path(fine_dir))
+    assert results["prepare"]["after"]["error"] == "needs the failed prepare run 'broken'"
+    errors = results["errors"]
+    assert errors["needs_broken"] == "its prepare run 'broken' failed: exit 1: boom"
+    assert "{prepare.nope}: no prepare run of that name before it (broken, after, fine)" in errors["typo"]
+    assert set(errors) == {"needs_broken", "typo"}
+    md = (tmp_path / "out/results.md").read_text()
+    assert "- Prepare run `broken` failed: exit 1: boom" in md and "| needs_broken | failed |" in md
+    assert "`fine`, 2 steps in 2.0 s, train loss final 2.0000" in md
+
+
+def test_prepare_refers_only_to_earlier_runs_and_quick_reaches_it(tmp_path, tiny_recipe):
+    matrix = {
+        "recipe": tiny_recipe(),
+        "quick": ["training.max_steps=1"],
+        "prepare": [{"name": "a", "set": ["model.name_or_path={prepare.b}"]}, {"name": "b"}],
+        "variants": [{"name": "v", "set": ["training.max_steps=9"], "quick": ["training.max_steps=2"]}],
+    }
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    with pytest.raises(RecipeError, match=r"prepare\[0\] \(a\) prepare: \{prepare.b\}: no prepare run"):
+        compose_prepare(load_matrix(path), path)
+    second = {"name": "b", "recipe": tiny_recipe(), "set": ["model.name_or_path={prepare.a}"]}
+    matrix["prepare"] = [{"name": "a"}, second]
+    path.write_text(yaml.safe_dump(matrix))
+    m = load_matrix(path)
+    a, b = compose_prepare(m, path, quick=True, dirs={"a": "/x/a", "b": "/x/b"})
+    assert b.recipe["model"]["name_or_path"] == "/x/a" and b.needs == ("a",) and a.recipe["training"]["max_steps"] == 1
+    steps = {q: [r.recipe["training"]["max_steps"] for r in compose_rows(m, path, q)] for q in (False, True)}
+    assert steps == {False: [6, 9], True: [1, 2]}  # a row's quick comes after the matrix's, only with --quick
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_benchmark_matrix_composes_into_valid_recipes(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # matrices name recipes relative to the repository root
+    matrix = load_matrix(path)
+    for quick in (False, True):
+        rows = compose_prepare(matrix, path, quick) + compose_rows(matrix, path, quick)
+        assert [(r.name, r.error) for r in rows if r.error] == []
+        assert rows[len(matrix.prepare)].plain and rows[len(matrix.prepare)].recipe["techniques"] == []
+        for row in rows:
+            Recipe.parse(row.recipe)
+            assert set(row.needs) <= {p.name for p in matrix.prepare}
+
+
 # ---------------------------------------------------------------------------------------------------- user errors
 
 
@@ -161,6 +280,8 @@ def test_target_time_tokens_and_equal_points_on_synthetic_curves():
         ({"recipe": "r.yaml", "variants": [{"name": "baseline"}]}, "variants[0].name: 'baseline' is used twice"),
         ({"variants": []}, "recipe: required field is missing"),
         ({"recipe": "r.yaml", "variants": [{"name": "a b"}]}, "variants[0].name: String should match pattern"),
+        ({"recipe": "r.yaml", "prepare": [{"name": "p"}, {"name": "p"}]}, "prepare[1].name: 'p' is used twice"),
+        ({"recipe": "r.yaml", "prepare": [{"name": "p", "sets": []}]}, "prepare[0].sets: unknown field"),
     ],
 )
 def test_bad_matrix_names_the_field(tmp_path, matrix, message):

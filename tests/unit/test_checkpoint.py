@@ -15,8 +15,9 @@ import yaml
 from transformers import TrainerCallback
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build
-from hf_efftrain.checkpoint import (
+from hf_efftrain.cli import EXIT_IO_ERROR, main
+from hf_efftrain.core.build import build
+from hf_efftrain.runtime.checkpoint import (
     MANIFEST_FILE,
     STAGING_DIR,
     CheckpointError,
@@ -28,7 +29,6 @@ from hf_efftrain.checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from hf_efftrain.cli import EXIT_IO_ERROR, main
 
 
 def fake_checkpoint(root, step: int, manifest: bool = True, trainer_state: bool = True):
@@ -185,12 +185,12 @@ def test_a_real_full_disk(tiny_recipe, tmp_path):
 
 
 def test_run_report_write_failure_exits_74_with_one_line(tiny_recipe, tmp_path, monkeypatch, capsys):
-    import hf_efftrain.metrics
+    import hf_efftrain.runtime.metrics
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "run_report.json"))
 
-    monkeypatch.setattr(hf_efftrain.metrics, "write_run_report", full)
+    monkeypatch.setattr(hf_efftrain.runtime.metrics, "write_run_report", full)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(training={"max_steps": 2, "save_strategy": "steps", "save_steps": 2})))
     assert main(["train", str(path)]) == EXIT_IO_ERROR

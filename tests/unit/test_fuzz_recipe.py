@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_efftrain import Recipe, RecipeError, load_recipe
-from hf_efftrain.build import make_techniques
-from hf_efftrain.recipe import TASKS, DataSection, ModelSection, _training_fields, apply_override
-from hf_efftrain.registry import all_techniques
-from hf_efftrain.technique import Env
+from hf_efftrain.core.build import make_techniques
+from hf_efftrain.core.recipe import TASKS, DataSection, ModelSection, _training_fields, apply_override
+from hf_efftrain.core.registry import all_techniques
+from hf_efftrain.core.technique import Env
 
 TECHNIQUES = all_techniques()
 # A message line starts with a field path: a section, --set, recipe, or a dotted/indexed path into one.

@@ -15,8 +15,8 @@ from transformers import (
 
 from hf_efftrain import RecipeError
 from hf_efftrain.builtins import builtin_config, get_tokenizer
-from hf_efftrain.layers import layer_stacks
-from hf_efftrain.patching import Patches, patch_attr
+from hf_efftrain.core.layers import layer_stacks
+from hf_efftrain.core.patching import Patches, patch_attr
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_efftrain import metrics
-from hf_efftrain.metrics import (
+from hf_efftrain.core.technique import Technique, TechniqueConfig
+from hf_efftrain.runtime import flops
+from hf_efftrain.runtime.metrics import (
     build_run_report,
     mfu,
     model_flops_per_token,
@@ -35,7 +36,6 @@ from hf_efftrain.metrics import (
     versions,
     write_run_report,
 )
-from hf_efftrain.technique import Technique, TechniqueConfig
 
 
 @pytest.fixture(autouse=True)
@@ -130,11 +130,11 @@ def test_peak_flops_measures_then_uses_cache(tmp_path):
 
 
 def test_known_cuda_peaks_table():
-    assert metrics._known_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
-    assert metrics._known_peak("NVIDIA H200", torch.float16) == 989e12
-    assert metrics._known_peak("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312e12
-    assert metrics._known_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
-    assert metrics._known_peak("NVIDIA GeForce RTX 3090", torch.bfloat16) is None  # measured instead
+    assert flops._known_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert flops._known_peak("NVIDIA H200", torch.float16) == 989e12
+    assert flops._known_peak("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312e12
+    assert flops._known_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert flops._known_peak("NVIDIA GeForce RTX 3090", torch.bfloat16) is None  # measured instead
 
 
 # ------------------------------------------------------------------------------------------------ memory

@@ -16,7 +16,14 @@ import torch
 import yaml
 
 from hf_efftrain.errors import RecipeError
-from hf_efftrain.plan import (
+from hf_efftrain.plan.activations import (
+    LayerShape,
+    activation_bytes,
+    korthikanti_layer_bytes,
+    layer_bytes,
+    tensor_parallel_fraction,
+)
+from hf_efftrain.plan.estimate import (
     BNB8_STATE_BYTES,
     GB,
     MOMENTS,
@@ -25,14 +32,7 @@ from hf_efftrain.plan import (
     estimate,
     zero_model_state_bytes,
 )
-from hf_efftrain.plan_activations import (
-    LayerShape,
-    activation_bytes,
-    korthikanti_layer_bytes,
-    layer_bytes,
-    tensor_parallel_fraction,
-)
-from hf_efftrain.plan_inputs import (
+from hf_efftrain.plan.inputs import (
     Setup,
     distributed_from_accelerate,
     model_from_config,
@@ -94,7 +94,7 @@ def test_optimizer_and_adapter_bytes_per_parameter():
 
 def test_optimizer_states_match_real_optimizers(tiny_llama_spec):
     """Bytes per trainable parameter of the planner == what torch's optimizers really allocate."""
-    from hf_efftrain.metrics import optimizer_state_bytes
+    from hf_efftrain.runtime.metrics import optimizer_state_bytes
     from hf_efftrain.techniques.lion import Lion
 
     config, model = tiny_llama_spec
@@ -294,7 +294,7 @@ def test_cheapest_fit_is_the_first_single_change_that_fits():
     assert estimate(model, Setup(**sug["setup"])).peak == sug["peak_bytes"]
     assert len(sug["changes"]) == 1
     # every cheaper candidate alone does not fit
-    from hf_efftrain.plan import _candidates
+    from hf_efftrain.plan.estimate import _candidates
 
     for label, fn in _candidates(model, base):
         if label == sug["changes"][0]:
@@ -321,8 +321,8 @@ _MEASURE = textwrap.dedent(
     import gc, json, sys
     import torch
     from transformers import Trainer
-    from hf_efftrain.build import load_config, load_model, load_tokenizer, make_techniques, make_training_args
-    from hf_efftrain.recipe import load_recipe
+    from hf_efftrain.core.build import load_config, load_model, load_tokenizer, make_techniques, make_training_args
+    from hf_efftrain.core.recipe import load_recipe
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -370,7 +370,7 @@ def _write_recipes(tmp_path, tiny_recipe, shape, runs, **training) -> list[str]:
 
 def _predicted(path: str, device: str) -> int:
     from hf_efftrain.cli import _parser
-    from hf_efftrain.plan_report import plan_from_args
+    from hf_efftrain.plan.report import plan_from_args
 
     return plan_from_args(_parser().parse_args(["plan", path, "--device", device]))["peak_bytes"]
 
@@ -403,8 +403,8 @@ def test_predicted_peak_matches_measured_cuda_training(tmp_path, tiny_recipe):
 
     from transformers import Trainer
 
-    from hf_efftrain.build import load_config, load_model, load_tokenizer, make_techniques, make_training_args
-    from hf_efftrain.recipe import load_recipe
+    from hf_efftrain.core.build import load_config, load_model, load_tokenizer, make_techniques, make_training_args
+    from hf_efftrain.core.recipe import load_recipe
 
     shape = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 8,
              "num_key_value_heads": 8, "head_dim": 128}  # fmt: skip
@@ -440,6 +440,6 @@ def tiny_llama_spec():
 
 
 def test_moments_table_covers_cli_choices():
-    from hf_efftrain.plan_inputs import OPTIMIZERS
+    from hf_efftrain.plan.inputs import OPTIMIZERS
 
     assert set(OPTIMIZERS) == set(MOMENTS)

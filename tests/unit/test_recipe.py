@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from hf_efftrain import Recipe, RecipeError, load_recipe
-from hf_efftrain.build import make_techniques
-from hf_efftrain.recipe import apply_override
+from hf_efftrain.core.build import make_techniques
+from hf_efftrain.core.recipe import apply_override
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -38,7 +38,13 @@ def test_techniques_get_their_own_config(tiny_recipe):
 
 @pytest.mark.parametrize(
     "technique",
-    [{"name": "mixed_precision", "dtype": "bf16"}, {"name": "bf16"}, {"name": "lion", "bits": 8}, {"name": "peft"}],
+    [
+        {"name": "mixed_precision", "dtype": "bf16"},
+        {"name": "bf16"},
+        {"name": "lion", "bits": 8},
+        {"name": "peft"},
+        {"name": "attention", "implementation": "eager"},
+    ],
 )
 def test_saved_recipe_reads_back_and_validates(tiny_recipe, technique):
     """run.py writes recipe.to_dict() as the run's recipe.yaml: it must run again as it is (fields a technique
@@ -74,6 +80,33 @@ def test_saved_recipe_reads_back_and_validates(tiny_recipe, technique):
         (lambda r: r.update(techniques=[{"name": "lion"}, {"name": "lion"}]), "techniques[1].name: technique 'lion'"),
         (lambda r: r.update(techniques=[{"lr": 1}]), "techniques[0]: each technique is a mapping with a 'name'"),
         (lambda r: r.pop("data"), "data: required field is missing"),
+        # one knob per setting: the refused twin names the field and what to write instead
+        (
+            lambda r: r["training"].update(bf16=True),
+            "training.bf16: precision is the mixed_precision technique: remove this and add "
+            "{name: mixed_precision, dtype: bf16} to techniques",
+        ),
+        (
+            lambda r: r["training"].update(optim="lion_8bit"),
+            "training.optim: 'lion_8bit' is Lion, which is the lion technique: remove this and add "
+            "{name: lion, bits: 8} to techniques",
+        ),
+        (
+            lambda r: r.update(techniques=[{"name": "optimizer", "type": "paged_lion_8bit"}]),
+            "techniques[0].type: paged_lion_8bit is Lion, which is the lion technique: write "
+            "{name: lion, bits: 8, paged: true} instead",
+        ),
+        (
+            lambda r: r["model"].update(attn_implementation="flash2"),
+            "model.attn_implementation: unknown attention implementation 'flash2'; allowed: eager,",
+        ),
+        (
+            lambda r: (
+                r.update(techniques=[{"name": "attention", "implementation": "eager"}])
+                or r["model"].update(attn_implementation="sdpa")
+            ),
+            "techniques[0].implementation: 'eager' but model.attn_implementation is 'sdpa'; attention is an alias",
+        ),
     ],
 )
 def test_bad_recipes_name_the_field(tiny_recipe, mutate, expected):
@@ -110,12 +143,12 @@ def test_overrides_are_typed_like_their_field(tmp_path, tiny_recipe):
             "techniques[0].beta1=0.8",
             "techniques.bf16.name=bf16",
             "model.config_overrides.num_hidden_layers=3",
-            "training.bf16=false",
+            "training.disable_tqdm=false",
         ],
         output_dir=str(tmp_path / "elsewhere"),
     )
     assert recipe.training["max_steps"] == 11 and recipe.training["learning_rate"] == 2e-4
-    assert recipe.training["bf16"] is False
+    assert recipe.training["disable_tqdm"] is False
     assert recipe.model.name_or_path == "123"
     assert recipe.model.config_overrides == {"num_hidden_layers": 3}
     assert recipe.techniques[0].weight_decay == 0.3 and recipe.techniques[0].beta1 == 0.8

@@ -7,10 +7,10 @@ from typing import Literal
 import torch
 
 from hf_efftrain import Recipe
-from hf_efftrain.build import build
-from hf_efftrain.registry import _REGISTRY, register_technique
-from hf_efftrain.technique import Technique, TechniqueConfig
-from hf_efftrain.trainer import STATE_FILE
+from hf_efftrain.core.build import build
+from hf_efftrain.core.registry import _REGISTRY, register_technique
+from hf_efftrain.core.technique import Technique, TechniqueConfig
+from hf_efftrain.core.trainer import STATE_FILE
 
 
 class CounterConfig(TechniqueConfig):

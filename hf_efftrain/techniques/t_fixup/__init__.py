@@ -32,8 +32,8 @@ Conv1D stores weights transposed. Removed norms are swapped for ``nn.Identity`` 
 not undone. A checkpoint saved after norm removal reloads *with* fresh norms: call ``strip_norms`` again after loading.
 
 Per-architecture code is a block policy keyed by the HF block class (``t_fixup/policies.py``,
-``register_block_policy``), found through the stacks of ``hf_efftrain.layers.layer_stacks``; fixup.py and deepnorm.py
-use the same policies.
+``register_block_policy``), found through the stacks of ``hf_efftrain.core.layers.layer_stacks``; fixup.py and
+deepnorm.py use the same policies.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ from pydantic import Field
 from torch import nn
 from transformers import TrainingArguments
 
+from ...core.layers import layer_stacks
+from ...core.patching import Patches
+from ...core.registry import register_technique
+from ...core.technique import ORDER_INIT, Env, Technique, TechniqueConfig
 from ...errors import RecipeError
-from ...layers import layer_stacks
-from ...patching import Patches
-from ...registry import register_technique
-from ...technique import ORDER_INIT, Env, Technique, TechniqueConfig
 from .policies import (  # noqa: F401  (re-exported: the policy API lives with the technique that introduced it)
     MODEL_PATH,
     Attn,

@@ -2,7 +2,7 @@
 
 A ``BlockPolicy`` says where a transformer block keeps its attention projections (q, k, v, o; self and cross), its MLP
 projections and its residual-stream norms; it is registered under the HF block class (``register_block_policy``) and
-found for every block of the stacks that ``hf_efftrain.layers.layer_stacks`` returns. Fused projections (GPT-2
+found for every block of the stacks that ``hf_efftrain.core.layers.layer_stacks`` returns. Fused projections (GPT-2
 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``) are addressed per logical part; GPT-2's Conv1D weights are read
 transposed, so every projection is seen as an (out, in) matrix. Also here: the reversible module swap the techniques
 use (through ``patch_attr``), norm removal, input-embedding discovery, and an early architecture check on a
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...core.layers import base_model, layer_stacks
+from ...core.patching import Patch, Patches, patch_attr
 from ...errors import RecipeError
-from ...layers import base_model, layer_stacks
-from ...patching import Patch, Patches, patch_attr
 
 MODEL_PATH = "model.name_or_path"
 

@@ -1,0 +1,388 @@
+"""Recipe -> tokenizer, model, datasets, collator, TrainingArguments and an EffTrainer.
+
+Techniques are instantiated once, sorted by ``order``, validated against each other and the environment, and
+then given each build-time hook in turn. Nothing here knows any technique by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..builtins import BUILTIN_MODELS, builtin_config, get_tokenizer, is_builtin, strip_builtin
+from ..errors import RecipeError
+from ..runtime.distributed import launch_model_kwargs, launch_training_defaults
+from . import data as data_mod
+from .recipe import Recipe
+from .recipe_checks import check_attention_env
+from .registry import get_technique
+from .technique import Env, Technique
+
+logger = logging.getLogger(__name__)
+
+TASK_AUTO_CLASS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sft": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "classification": "AutoModelForSequenceClassification",
+}
+# Our defaults where TrainingArguments' own would surprise: the first step's loss logged (run report), token
+# counts without padding (tokens/s). (`report_to` is not here: transformers v5 already defaults it to "none".)
+TRAINING_DEFAULTS = {
+    "logging_steps": 10,
+    "logging_first_step": True,
+    "include_num_input_tokens_seen": "non_padding",
+    "save_strategy": "no",
+}
+
+
+@dataclass
+class Built:
+    recipe: Recipe
+    task: str
+    techniques: list[Technique]
+    tokenizer: Any
+    model: Any
+    train_dataset: Any
+    eval_dataset: Any
+    collator: Any
+    args: Any
+    trainer: Any
+    data_stats: dict[str, Any] = field(default_factory=dict)  # per split: rows, skipped_empty, truncated
+
+    def plain_trainer(self):
+        """The stock ``transformers.Trainer`` on the same model, data and arguments, with no hf_efftrain code in
+        the loop: the baseline every benchmark compares against. Techniques whose whole effect is on the
+        TrainingArguments (``only_training_args()``: mixed_precision bf16/fp16 autocast) are allowed, so a baseline
+        can run in bf16; any other is a RecipeError."""
+        from transformers import Trainer
+
+        for i, t in enumerate(self.recipe.techniques):
+            technique = next(x for x in self.techniques if x.config is t)
+            if not technique.only_training_args():
+                raise RecipeError(
+                    f"techniques[{i}]", f"{t.name} runs in the training loop; the stock-Trainer baseline cannot run it"
+                )
+        return Trainer(
+            model=self.model,
+            args=self.args,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            data_collator=self.collator,
+            processing_class=self.tokenizer,
+        )
+
+
+def make_techniques(recipe: Recipe, env: Env | None = None) -> list[Technique]:
+    """Instantiate, check requires/conflicts, run each ``validate``, then check model.attn_implementation against
+    this machine; sorted by ``order``."""
+    env = env or Env.detect()
+    names = recipe.technique_names()
+    techniques = []
+    for i, cfg in enumerate(recipe.techniques):
+        cls = get_technique(cfg.name, f"techniques[{i}].name")
+        missing = sorted(cls.requires - set(names))
+        if missing:
+            raise RecipeError(f"techniques[{i}]", f"{cls.name} requires {', '.join(missing)} in the recipe")
+        clash = sorted(n for n in names if n in cls.conflicts or cls.name in get_technique(n).conflicts)
+        if clash:
+            raise RecipeError(f"techniques[{i}]", f"{cls.name} cannot be combined with {', '.join(clash)}")
+        technique = cls(cfg)
+        try:
+            technique.validate(recipe, env)
+        except RecipeError as e:
+            raise RecipeError(f"techniques[{i}]" + (f".{e.path}" if e.path else ""), e.message) from None
+        techniques.append(technique)
+    check_attention_env(recipe.model.attn_implementation, env)
+    return sorted(techniques, key=lambda t: t.order)
+
+
+def load_tokenizer(recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    source = recipe.model.tokenizer or recipe.model.name_or_path
+    path = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
+    _require_local(source, path)
+    check_model_folder(recipe.model.name_or_path)
+    if is_builtin(source):
+        return get_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise RecipeError(
+            path,
+            f"no tokenizer at {source!r} ({type(e).__name__}); give a local folder "
+            "with tokenizer files, or a builtin: model",
+        ) from None
+    if tokenizer.pad_token is None:  # e.g. GPT-2 style tokenizers: pad with EOS (labels are -100 there anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _require_local(name: str, path: str) -> None:
+    """A path-like name that does not exist is a typo, not a hub id: say so before anything tries the hub."""
+    if not is_builtin(name) and not Path(name).exists() and name.startswith((".", "/", "~", "runs/")):
+        raise RecipeError(path, f"folder not found: {name}")
+
+
+def check_model_folder(name: str) -> None:
+    """A local model folder holds a readable config.json (what save_pretrained writes): say so before a tokenizer
+    or config loader fails in its own words."""
+    config = Path(name) / "config.json"
+    if is_builtin(name) or not Path(name).is_dir():
+        return
+    if not config.is_file():  # also a FIFO or device named config.json, which would block a reader
+        raise RecipeError(
+            "model.name_or_path", f"{name} has no config.json; a model folder is what save_pretrained writes"
+        )
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecipeError("model.name_or_path", f"could not read {config}: {_first_line(e)}") from None
+
+
+def load_config(recipe: Recipe, tokenizer):
+    from transformers import AutoConfig
+
+    name = recipe.model.name_or_path
+    if is_builtin(name):
+        config = builtin_config(strip_builtin(name), tokenizer)
+    elif Path(name).is_dir():
+        check_model_folder(name)
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except Exception as e:  # malformed config.json: one line naming the file
+            raise RecipeError("model.name_or_path", f"could not read {name}/config.json: {_first_line(e)}") from None
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except Exception as e:
+            allowed = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+            raise RecipeError(
+                "model.name_or_path",
+                f"{name!r} is neither a local model folder nor reachable on the "
+                f"hub ({type(e).__name__}); builtin models: {allowed}",
+            ) from None
+    for key, value in recipe.model.config_overrides.items():
+        if not hasattr(config, key):
+            raise RecipeError(f"model.config_overrides.{key}", f"not a field of {type(config).__name__}")
+        setattr(config, key, value)
+    return config
+
+
+def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
+    """``model.task`` if given, else from the data's columns and the model's ``architectures``."""
+    if recipe.model.task != "auto":
+        return recipe.model.task
+    d = recipe.data
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if arch.endswith("ForSequenceClassification") or d.label_field in columns and d.text_field in columns:
+        return "classification"
+    if d.prompt_field in columns and d.response_field in columns:
+        return "seq2seq" if config.is_encoder_decoder else "sft"
+    if arch.endswith("ForMaskedLM"):
+        return "masked_lm"
+    if config.is_encoder_decoder:
+        return "seq2seq"
+    return "causal_lm"
+
+
+def load_model(recipe: Recipe, config, task: str, kwargs: dict[str, Any]):
+    import transformers
+
+    auto = getattr(transformers, TASK_AUTO_CLASS[task])
+    name = recipe.model.name_or_path
+    if is_builtin(name):
+        return auto.from_config(config, **kwargs)
+    if Path(name).is_dir():
+        check_weight_files(Path(name))
+    try:
+        return auto.from_pretrained(name, config=config, **kwargs)
+    except OSError as e:  # no weights file in the folder, or one that cannot be read
+        raise RecipeError("model.name_or_path", f"could not load the weights of {name}: {_first_line(e)}") from None
+
+
+def check_weight_files(folder: Path) -> None:
+    """Read the header of each safetensors file, so a truncated or corrupt one is named before loading starts."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError: the file is not what its name says
+            raise RecipeError(
+                "model.name_or_path", f"{f} is not a readable safetensors file ({_first_line(e)})"
+            ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def make_training_args(recipe: Recipe, techniques: list[Technique]):
+    import torch
+    from transformers import TrainingArguments
+
+    values = {**TRAINING_DEFAULTS, **recipe.training}
+    if not torch.cuda.is_available():  # pinned memory only helps host-to-GPU copies
+        values.setdefault("dataloader_pin_memory", False)
+    values = {**launch_training_defaults(), **values}  # e.g. gloo for a launched CPU run (distributed.py)
+    try:
+        args = TrainingArguments(**values)
+    except (ValueError, TypeError) as e:
+        raise RecipeError("training", str(e).strip().splitlines()[0]) from None
+    for t in techniques:
+        args = t.training_args(args)
+    return args
+
+
+def build(recipe: Recipe, env: Env | None = None) -> Built:
+    """Everything a run needs, ready for ``built.trainer.train()``."""
+    import transformers
+
+    from .trainer import EffTrainer
+
+    techniques = make_techniques(recipe, env)
+    args = make_training_args(recipe, techniques)
+    transformers.set_seed(args.seed)
+    tokenizer = load_tokenizer(recipe)
+    config = load_config(recipe, tokenizer)
+
+    with args.main_process_first(desc="load and tokenize data"):
+        raw = data_mod.load_source(recipe.data.train, "data.train")
+        task = infer_task(recipe, config, raw["train"].column_names)
+        eval_raw = data_mod.load_source(recipe.data.eval, "data.eval") if recipe.data.eval else None
+        train_split = raw["train"]
+        eval_split = (eval_raw or {}).get("train") if eval_raw else raw.get("validation")
+        cols = data_mod.task_columns(task, recipe.data, train_split.column_names)
+        data_mod.require_columns(train_split, cols, recipe.data.train)
+        if eval_split is not None:
+            data_mod.require_columns(eval_split, cols, recipe.data.eval or recipe.data.train)
+        if task == "classification":
+            splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field)
+            train_split, eval_split = splits["train"], splits.get("eval")
+            if recipe.model.num_labels is not None and recipe.model.num_labels < len(names):
+                raise RecipeError(
+                    "model.num_labels", f"{recipe.model.num_labels} but the data has {len(names)} classes"
+                )
+            config.num_labels = recipe.model.num_labels or len(names)
+            config.id2label = dict(enumerate(names))
+            config.label2id = {n: i for i, n in enumerate(names)}
+            config.pad_token_id = tokenizer.pad_token_id
+        train_split = _head(train_split, recipe.data.max_train_samples)
+        eval_split = _head(eval_split, recipe.data.max_eval_samples)
+        stats: dict[str, Any] = {}
+        train_dataset = data_mod.tokenize(train_split, task, tokenizer, recipe.data, "data.train", stats)
+        eval_dataset = (
+            data_mod.tokenize(eval_split, task, tokenizer, recipe.data, "data.eval", stats) if eval_split else None
+        )
+        check_data_fits(recipe, config, args, train_dataset, eval_dataset)
+        for t in techniques:
+            train_dataset = t.on_dataset(train_dataset, tokenizer)
+
+    if eval_dataset is None and args.eval_strategy != "no":
+        raise RecipeError(
+            "training.eval_strategy", "needs an evaluation set: set data.eval, or use a source with a validation split"
+        )
+
+    kwargs: dict[str, Any] = launch_model_kwargs(recipe.model.name_or_path)  # tensor parallel launches
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if recipe.model.dtype:
+        kwargs["dtype"] = recipe.model.dtype
+    for t in techniques:
+        kwargs = t.model_kwargs(kwargs)
+    model = load_model(recipe, config, task, kwargs)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise RecipeError(
+            "model.tokenizer",
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding "
+            f"has {vocab}: use the tokenizer the model was trained with",
+        )
+    for t in techniques:
+        model = t.on_model(model)
+    declare_loss_kwargs(model)
+
+    collator = data_mod.make_collator(task, tokenizer, model)
+    for t in techniques:
+        collator = t.collator(collator)
+
+    trainer = EffTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        techniques=techniques,
+    )
+    return Built(
+        recipe, task, techniques, tokenizer, model, train_dataset, eval_dataset, collator, args, trainer, stats
+    )
+
+
+def declare_loss_kwargs(model) -> None:
+    """Tell the Trainer whether the model's loss honours ``num_items_in_batch``.
+
+    The Trainer assumes any ``forward(**kwargs)`` normalises its loss by ``num_items_in_batch`` and then skips the
+    division by the gradient-accumulation steps (and multiplies by the process count under DDP). Models that compute
+    ``CrossEntropyLoss()`` themselves (BERT, T5, BART heads in transformers 5) ignore that argument, so their
+    gradients would come out ``accumulation steps x processes`` times too large. Those that call
+    ``self.loss_function`` do honour it.
+    """
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
+    if hasattr(type(inner), "accepts_loss_kwargs"):
+        return  # the model class says so itself
+    try:
+        source = inspect.getsource(type(inner).forward)
+    except (OSError, TypeError):
+        return
+    if "loss_function" not in source and "num_items_in_batch" not in source:
+        inner.accepts_loss_kwargs = False
+
+
+def check_data_fits(recipe: Recipe, config, args, train_dataset, eval_dataset) -> None:
+    """Checks that need the tokenized data, before any model weight is allocated: rows longer than the model's
+    positions (an index error mid-run) and a global batch larger than the data (every step one short batch, and
+    samples/s computed from the requested batch)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and recipe.data.max_length > positions:
+        for dataset in (train_dataset, eval_dataset):
+            longest = max((len(r) for r in dataset["input_ids"]), default=0) if dataset is not None else 0
+            if longest > positions:
+                raise RecipeError(
+                    "data.max_length",
+                    f"{recipe.data.max_length}, and rows of {longest} tokens, but the model takes at most "
+                    f"{positions} positions (config.max_position_embeddings); set data.max_length <= {positions}",
+                )
+    batch = args.per_device_train_batch_size * args.world_size
+    if batch > len(train_dataset):
+        raise RecipeError(
+            "training.per_device_train_batch_size",
+            f"{args.per_device_train_batch_size} x {args.world_size} processes is more than the "
+            f"{len(train_dataset)} training examples; at most {max(1, len(train_dataset) // args.world_size)}",
+        )
+
+
+def _as_dict(train, eval_split):
+    import datasets
+
+    splits = {"train": train}
+    if eval_split is not None:
+        splits["eval"] = eval_split
+    return datasets.DatasetDict(splits)
+
+
+def _head(dataset, n: int | None):
+    if dataset is None or n is None or n >= len(dataset):
+        return dataset
+    return dataset.select(range(n))

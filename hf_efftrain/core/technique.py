@@ -1,0 +1,150 @@
+"""The technique contract (docs/ARCHITECTURE.md): a Technique wires one functional core into EffTrainer's hooks.
+
+Every hook has a do-nothing default, so a technique overrides only what it needs. Build-time hooks
+(``model_kwargs``, ``on_model``, ``on_dataset``, ``collator``, ``training_args``) are called by ``build.py`` in
+``order``; run-time hooks (``on_batch``, ``loss``, ``callbacks``) by ``EffTrainer``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainerCallback, TrainingArguments
+
+# Documented order bands: lower runs first in every hook.
+ORDER_INIT = 100
+ORDER_ADAPTER = 300
+ORDER_DEFAULT = 500
+ORDER_WRAPPER = 900
+
+
+class TechniqueConfig(BaseModel):
+    """Base of every technique's Config: frozen, unknown keys rejected, every field described."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the run will see, for ``validate``: hardware, process count, installed optional packages."""
+
+    cuda: bool = False
+    bf16_supported: bool = True
+    world_size: int = 1
+    installed: frozenset[str] = field(default_factory=frozenset)
+    # "DEEPSPEED" / "FSDP" under such an `accelerate launch`, else None; and the DeepSpeed config it will use.
+    distributed_type: str | None = None
+    deepspeed_config: dict[str, Any] | None = field(default=None, compare=False)
+
+    @classmethod
+    def detect(cls) -> Env:
+        import os
+
+        import torch
+
+        from ..runtime.distributed import deepspeed_config_of, engine_of
+
+        cuda = torch.cuda.is_available()
+        optional = ("flash_attn", "flash_attn_interface", "bitsandbytes", "deepspeed", "peft")
+        return cls(
+            cuda=cuda,
+            bf16_supported=torch.cuda.is_bf16_supported() if cuda else True,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            installed=frozenset(p for p in optional if importlib.util.find_spec(p) is not None),
+            distributed_type=engine_of(),
+            deepspeed_config=deepspeed_config_of(),
+        )
+
+
+class Technique:
+    """Base class; subclasses set the ClassVars and override hooks. ``self.config`` is the validated Config."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[TechniqueConfig]]
+    survey_section: ClassVar[str]
+    paper: ClassVar[str]
+    requires: ClassVar[frozenset[str]] = frozenset()
+    conflicts: ClassVar[frozenset[str]] = frozenset()
+    order: ClassVar[int] = ORDER_DEFAULT
+
+    def __init__(self, config: TechniqueConfig | None = None, **kwargs: Any):
+        self.config = config if config is not None else self.Config(name=self.name, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    @classmethod
+    def status(cls) -> str:
+        """One word for `hf-efftrain techniques`: 'ready', or what is missing on this machine."""
+        return "ready"
+
+    # ---- build time -------------------------------------------------------------------------------------
+    def validate(self, recipe: Any, env: Env) -> None:
+        """Raise RecipeError (with the field path) when this technique cannot run with this recipe/env."""
+
+    def model_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Adjust ``from_pretrained``/``from_config`` keyword arguments (attn_implementation, dtype, ...)."""
+        return kwargs
+
+    def on_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Model surgery after loading: init, patches, PEFT wrapping."""
+        return model
+
+    def on_dataset(self, dataset: Any, tokenizer: Any) -> Any:
+        """Transform the tokenized training dataset (pruning, packing, curricula)."""
+        return dataset
+
+    def collator(self, collator: Any) -> Any:
+        """Wrap or replace the data collator."""
+        return collator
+
+    def training_args(self, args: TrainingArguments) -> TrainingArguments:
+        """Adjust TrainingArguments before the trainer is built."""
+        return args
+
+    def optimizer_cls_and_kwargs(self, args: TrainingArguments) -> tuple[type, dict[str, Any]] | None:
+        """An optimizer class and its kwargs, exactly what ``Trainer(optimizer_cls_and_kwargs=...)`` takes."""
+        return None
+
+    # ---- run time ---------------------------------------------------------------------------------------
+    def on_trainer(self, trainer: Any) -> None:
+        """Called once the EffTrainer exists (e.g. to rebuild its optimizer when the model grows)."""
+
+    def on_batch(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """Per-batch transform before the forward pass."""
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], compute_loss: Any) -> torch.Tensor | None:
+        """Return a loss to replace the default one, or None to leave it alone."""
+        return None
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whatever resuming this technique needs: plain containers and tensors (saved with torch.save in every
+        checkpoint folder, loaded before training resumes)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def only_training_args(self) -> bool:
+        """True when this technique's whole effect is its ``training_args`` hook (e.g. bf16 autocast), so the
+        stock-Trainer baseline of a benchmark can run it too (``Built.plain_trainer``)."""
+        return False
+
+    def report(self) -> dict[str, Any]:
+        """Extra facts for run_report.json (e.g. what a helper chose); the resolved config is always there."""
+        return {}
+
+
+def has_package(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None

@@ -1,0 +1,207 @@
+"""Model FLOPs per token, peak FLOP/s of a device, and MFU (PaLM appendix B, Chowdhery et al. 2022,
+arXiv 2204.02311): the compute side of every run report (``metrics.py``)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any
+
+import torch
+
+from ..cache import cache_dir, read_json, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's data sheets. More specific names first: the first
+# substring of the device name that matches wins, so "H100 PCIe" is not read as an SXM part.
+_KNOWN_PEAKS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+]
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+# Measurement: grow the square matmul until one product takes this long, then keep the best of many reps, all
+# inside a fixed budget so a report costs about a second (slow dtypes such as CPU fp16 stay small).
+_MEASURE_TARGET_S = 0.02
+_MEASURE_BUDGET_S = 1.0
+_MEASURE_MAX_N = {"cpu": 1024}
+_MEASURE_DEFAULT_MAX_N = 8192
+
+
+# ---------------------------------------------------------------------------------------------------------- FLOPs
+
+
+def _config_get(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _attention_shape(config: Any) -> tuple[int, int]:
+    """(attention layers, d_attn = heads x head_dim) from a HF config; (0, 0) when the config does not say."""
+    if hasattr(config, "get_text_config"):  # multimodal configs nest the language model's config
+        config = config.get_text_config()
+    heads = _config_get(config, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+    hidden = _config_get(config, "hidden_size", "n_embd", "d_model")
+    head_dim = _config_get(config, "head_dim", "d_kv")
+    if heads is None or (head_dim is None and hidden is None):
+        return 0, 0
+    d_attn = int(heads) * int(head_dim if head_dim is not None else int(hidden) // int(heads))
+
+    if getattr(config, "is_encoder_decoder", False):
+        encoder = _config_get(config, "encoder_layers", "num_layers", "num_hidden_layers")
+        decoder = _config_get(config, "decoder_layers", "num_decoder_layers") or encoder
+        # Each decoder layer has self-attention and cross-attention over the encoder output.
+        return int(encoder or 0) + 2 * int(decoder or 0), d_attn
+    layers = _config_get(config, "num_hidden_layers", "n_layer", "num_layers")
+    return int(layers or 0), d_attn
+
+
+def _matmul_weight_params(model: torch.nn.Module) -> int:
+    from transformers.pytorch_utils import Conv1D
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            # in x out, not weight.numel(): 4-bit weights are packed and ZeRO-3 shards are empty locally.
+            total += int(module.in_features) * int(module.out_features)
+        elif isinstance(module, Conv1D):
+            total += int(module.nx) * int(module.nf)
+    return total
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward = 3 x forward), from the model's shapes.
+
+    PaLM appendix B (arXiv 2204.02311): ``6 * N + 12 * L * d_attn * seq_len`` where ``N`` counts the weights of
+    every matmul (``nn.Linear`` and transformers' ``Conv1D``, the LM head included, embedding lookups excluded)
+    and the second term is the attention score and value matmuls of ``L`` attention layers with
+    ``d_attn = heads * head_dim``. The attention term is the non-causal count, as PaLM uses (a causal kernel
+    does about half of it). Encoder-decoder models count cross-attention as one more attention layer per
+    decoder layer and use ``seq_len`` for both sides; this is the usual approximation, not an exact count.
+    """
+    model = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    matmul = _matmul_weight_params(model)
+    config = getattr(model, "config", None)
+    layers, d_attn = _attention_shape(config) if config is not None else (0, 0)
+    if layers == 0:
+        logger.warning("Could not find attention layers in the model config; counting matmul weights only.")
+    return 6 * matmul + 12 * layers * d_attn * int(seq_len)
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float, world_size: int = 1) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all ``world_size`` devices together."""
+    return float(tokens_per_second) * float(flops_per_token) / (float(peak) * max(int(world_size), 1))
+
+
+# ----------------------------------------------------------------------------------------------------- peak FLOP/s
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or "cpu"
+    return device.type
+
+
+def _cuda_tf32_enabled() -> bool:
+    matmul = torch.backends.cuda.matmul
+    return bool(getattr(matmul, "allow_tf32", False)) or getattr(matmul, "fp32_precision", "") == "tf32"
+
+
+def _known_peak(name: str, dtype: torch.dtype) -> float | None:
+    key = _DTYPE_KEYS.get(dtype)
+    if key == "fp32" and _cuda_tf32_enabled():  # fp32 matmuls then run on TF32 tensor cores
+        key = "tf32"
+    for pattern, peaks in _KNOWN_PEAKS:
+        if pattern in name:
+            return peaks.get(key) if key else None
+    return None
+
+
+def _synchronize(device: torch.device) -> None:
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+def _measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best FLOP/s of a square ``a @ b`` in ``dtype``, sized so the whole measurement stays under ~1 s."""
+    deadline = time.perf_counter() + _MEASURE_BUDGET_S
+    max_n = _MEASURE_MAX_N.get(device.type, _MEASURE_DEFAULT_MAX_N)
+
+    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        timed(a, b)  # warm-up: kernel selection, thread pool start, lazy init
+        elapsed = timed(a, b)
+        # 8x the work per doubling: only grow while the next size still fits the remaining budget.
+        if elapsed >= _MEASURE_TARGET_S or n >= max_n or time.perf_counter() + 20 * elapsed > deadline:
+            break
+        n *= 2
+    # Best of as many reps as the budget allows: on a shared machine the best rep is the least disturbed one.
+    best = elapsed
+    for _ in range(200):
+        if time.perf_counter() + best > deadline:
+            break
+        best = min(best, timed(a, b))
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[float, str]:
+    """Peak dense matmul FLOP/s of one device in ``dtype``, and where the number came from.
+
+    A known CUDA part returns its data-sheet peak (``"known:<device name>"``; fp32 uses the TF32 peak when
+    TF32 matmuls are enabled). Anything else is measured with a square matmul and cached in
+    ``cache_dir("peak_flops.json")`` per device name, dtype, torch version and thread count
+    (``"measured:<device>:<dtype>:<n> threads"``). A measured CPU number is what this machine reaches, so CPU
+    MFU reads against an achievable, not a theoretical, peak.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    name = _device_name(device)
+    if device.type == "cuda":
+        known = _known_peak(name, dtype)
+        if known is not None:
+            return known, f"known:{name}"
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    threads = torch.get_num_threads()
+    source = f"measured:{name}:{dtype_name}:{threads} threads"
+    key = f"{name}|{dtype_name}|torch {torch.__version__}|{threads} threads"
+    path = cache_dir("peak_flops.json")
+    cached = read_json(path)
+    if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+        return float(cached[key]), source
+
+    value = _measure_matmul_flops(device, dtype)
+    logger.info("Measured peak %.3g FLOP/s on %s (%s, %d threads)", value, name, dtype_name, threads)
+    cached = read_json(path)  # re-read: another process may have added other keys meanwhile
+    cached[key] = value
+    write_json_atomic(path, cached)
+    return value, source

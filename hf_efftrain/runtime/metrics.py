@@ -1,0 +1,241 @@
+"""What a run measured: FLOPs per token, MFU, peak memory, optimizer-state bytes, and ``run_report.json``.
+
+Every run leaves evidence (docs/ARCHITECTURE.md): the survey (Zhuang et al. 2023, arXiv 2302.01107) compares
+techniques by compute, memory and wall-clock, so each run records throughput, model FLOPs utilisation (MFU, PaLM
+appendix B, Chowdhery et al. 2022, arXiv 2204.02311), peak memory and the bytes its optimizer keeps. The loss plot
+and the summary table printed by the CLI live in ``report.py``, the FLOPs side in ``flops.py``; both are re-exported
+here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..cache import write_json_atomic
+from .flops import mfu, model_flops_per_token, peak_flops
+from .report import plot_loss, summary_table
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+    from transformers.trainer_utils import TrainOutput
+
+logger = logging.getLogger(__name__)
+
+__all__ = [  # FLOPs from flops.py, plot_loss and summary_table from report.py: re-exported, one import for callers
+    "build_run_report", "loss_curve", "mfu", "model_flops_per_token", "optimizer_state_bytes", "peak_flops",
+    "peak_memory", "plot_loss", "summary_table", "versions", "write_run_report",
+]  # fmt: skip
+
+REPORT_FILE = "run_report.json"
+
+_PACKAGES = (
+    "torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "deepspeed", "bitsandbytes",
+    "hf_efftrain",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:  # bitsandbytes shares one qmap tensor across all parameters
+            return 0
+        seen.add(id(obj))
+        local = obj.to_local() if hasattr(obj, "to_local") else obj  # FSDP2 DTensor: this rank's shard
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of every tensor in ``optimizer.state`` on this process (moments, 8-bit states, absmax, qmaps, steps).
+
+    Accelerate's ``AcceleratedOptimizer`` (and DeepSpeed's wrappers) are unwrapped through ``.optimizer``; a
+    tensor shared by several parameters' states is counted once. Under DeepSpeed ZeRO the inner optimizer holds
+    only this rank's flat fp32 partition, so the figure is what this process really keeps (about 1/world_size of
+    DDP's; in CPU memory when offloaded; tests/e2e/test_distributed.py checks ZeRO-2 and ZeRO-3 with offload).
+    ``peak_memory`` is per process as well.
+    """
+    if optimizer is None:
+        return 0
+    seen_wrappers: set[int] = set()
+    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen_wrappers:
+        seen_wrappers.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    state = getattr(optimizer, "state", None) or {}
+    seen: set[int] = set()
+    return sum(_tensor_bytes(s, seen) for s in state.values())
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak resident bytes of this process (``cpu_rss``) and peak CUDA allocation (``cuda``) when CUDA was used."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_rss": int(rss) if sys.platform == "darwin" else int(rss) * 1024}  # Linux reports KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+def versions() -> dict[str, str | None]:
+    """Python and package versions from installed metadata (nothing heavy is imported); None where missing."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    if out["hf_efftrain"] is None:  # running from a source tree that is not pip-installed
+        out["hf_efftrain"] = getattr(sys.modules.get("hf_efftrain"), "__version__", None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _param_count(param: torch.nn.Parameter) -> int:
+    if hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 leaves an empty local tensor
+        return int(param.ds_numel)
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:  # bnb 4-bit packs two per byte
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()
+
+
+def _dtype_of(args: Any) -> torch.dtype:
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return torch.float32
+
+
+def build_run_report(
+    trainer: Trainer,
+    train_output: TrainOutput,
+    techniques: list,
+    seq_len: int,
+    extra: dict | None = None,
+) -> dict[str, Any]:
+    """The ``run_report.json`` content (docs/ARCHITECTURE.md, "The life of a run") of a finished Trainer run.
+
+    Throughput covers this ``train()`` call only (a resumed run does not count earlier sessions' tokens).
+    ``tokens_per_second`` counts the tokens the Trainer tracked (``include_num_input_tokens_seen``), summed over
+    processes, so MFU divides by ``world_size`` peaks. Anything that could not be computed is None, with the
+    reason in ``notes``.
+    """
+    notes: list[str] = []
+    state = trainer.state
+    metrics = dict(getattr(train_output, "metrics", None) or {})
+    runtime = metrics.get("train_runtime")
+
+    tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    tokens_per_second: float | None = None
+    if not tokens:
+        setting = getattr(trainer.args, "include_num_input_tokens_seen", None)
+        notes.append(
+            f"tokens_per_second: the Trainer counted no input tokens (include_num_input_tokens_seen={setting!r})"
+        )
+    elif not runtime:
+        notes.append("tokens_per_second: train_runtime is missing or zero")
+    else:
+        tokens_per_second = tokens / runtime
+
+    losses = [(e["step"], e["loss"]) for e in state.log_history if "loss" in e and "step" in e]
+    eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+
+    model = trainer.model
+    params = list(model.parameters())
+    accelerator = trainer.accelerator
+    world_size = int(accelerator.num_processes)
+
+    memory = peak_memory()  # before peak_flops: a measurement's matmul must not count as the run's peak
+    flops_per_token = model_flops_per_token(model, seq_len)
+    dtype = _dtype_of(trainer.args)
+    peak, peak_source = peak_flops(trainer.args.device, dtype)
+    run_mfu = None
+    if tokens_per_second is not None:
+        run_mfu = mfu(tokens_per_second, flops_per_token, peak, world_size)
+
+    technique_reports = []
+    for t in techniques:
+        entry: dict[str, Any] = {"name": t.name, "config": t.config.model_dump(mode="json")}
+        tech_report = t.report() if hasattr(t, "report") else None
+        if tech_report:
+            entry["report"] = tech_report
+        technique_reports.append(entry)
+
+    report: dict[str, Any] = {
+        "tokens_per_second": tokens_per_second,
+        "samples_per_second": metrics.get("train_samples_per_second"),
+        "wall_time_s": runtime,
+        "steps": int(state.global_step),
+        "train_loss_first": losses[0][1] if losses else None,
+        "train_loss_final": losses[-1][1] if losses else None,
+        "train_loss_mean": metrics.get("train_loss"),
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "tokens_seen": int(tokens),
+        "seq_len": int(seq_len),
+        "params_total": sum(_param_count(p) for p in params),
+        "params_trainable": sum(_param_count(p) for p in params if p.requires_grad),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "peak_memory_bytes": memory,
+        "model_flops_per_token": flops_per_token,
+        "mfu": run_mfu,
+        "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "device": str(trainer.args.device),
+        "world_size": world_size,
+        "distributed_type": getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type)),
+        "techniques": technique_reports,
+        "versions": versions(),
+        "loss_history": losses,
+        "loss_curve": loss_curve(state.log_history),
+        "notes": notes,
+    }
+    for note in notes:
+        logger.warning("run report: %s", note)
+    report.update(extra or {})
+    return report
+
+
+def loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Train loss with the time and tokens at which it was logged: ``{step, loss, time_s, tokens}`` per entry.
+
+    ``time_s`` is the Trainer's ``train_runtime`` at that log (seconds since ``train()`` began, minus the runtime of
+    evaluations run so far); ``tokens`` its ``num_input_tokens_seen`` (None where the Trainer counted none). The
+    benchmark runner reads loss against wall time and tokens from here, for the stock Trainer and EffTrainer alike.
+    """
+    curve, eval_s = [], 0.0
+    for e in log_history:
+        eval_s += float(e.get("eval_runtime", 0.0))
+        if "loss" in e and "step" in e:
+            runtime = e.get("train_runtime")
+            curve.append(
+                {
+                    "step": int(e["step"]),
+                    "loss": float(e["loss"]),
+                    "time_s": None if runtime is None else max(0.0, float(runtime) - eval_s),
+                    "tokens": e.get("num_input_tokens_seen"),
+                }
+            )
+    return curve
+
+
+def write_run_report(output_dir: str | Path, report: dict[str, Any]) -> Path:
+    """Write ``output_dir/run_report.json`` atomically and return its path."""
+    path = Path(output_dir) / REPORT_FILE
+    write_json_atomic(path, report)
+    return path

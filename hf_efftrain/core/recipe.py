@@ -16,17 +16,16 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, Field, SerializeAsAny, TypeAdapter, ValidationError
 
 from ..errors import RecipeError
 from .recipe_checks import (
     MAX_RECIPE_BYTES,
     REFUSED_TRAINING,
     StrictLoader,
-    attn_implementation_problem,
     check_numbers,
     check_size,
     first_per_path,
@@ -36,9 +35,9 @@ from .recipe_checks import (
     read_yaml,
     short,
 )
+from .sections import DataSection, ModelSection, _Section
 from .technique import TechniqueConfig
 
-TASKS = ("auto", "causal_lm", "sft", "masked_lm", "seq2seq", "classification")
 # Distributed settings belong to the accelerate config, so one recipe runs anywhere (docs/ARCHITECTURE.md).
 _DISTRIBUTED_FIELDS = {"deepspeed", "fsdp", "fsdp_config", "local_rank", "ddp_backend", "parallelism_config"}
 # Ranges TrainingArguments does not check itself: outside them a run crashes part-way (a zero batch, a seed numpy
@@ -65,44 +64,6 @@ TRAINING_RANGES: dict[str, tuple[float, float | None]] = {
     "data_seed": (0, 2**32),
     "dataloader_num_workers": (0, None),
 }
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSection(_Section):
-    name_or_path: str = Field(description="builtin:<name>, a local save_pretrained folder, or a hub id")
-    task: Literal[TASKS] = Field("auto", description="auto: inferred from the model's architecture and the data")
-    tokenizer: str | None = Field(None, description="tokenizer path; default: the model's own (builtin models: ours)")
-    config_overrides: dict[str, Any] = Field(default_factory=dict, description="model config fields to override")
-    attn_implementation: str | None = Field(
-        None,
-        description="passed to from_pretrained / from_config: any name the installed transformers accepts (eager, "
-        "sdpa, flash_attention_2, flex_attention, AttentionInterface registrations, hub kernels org/repo)",
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(None, description="weights' dtype")
-    num_labels: int | None = Field(None, ge=2, description="classification; default: from the label column")
-
-    @field_validator("attn_implementation")
-    @classmethod
-    def _known_attention(cls, value: str | None) -> str | None:
-        problem = value and attn_implementation_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-
-
-class DataSection(_Section):
-    train: str = Field(description="builtin:<name>, a local json/jsonl/csv/parquet/txt file or folder, or a hub id")
-    eval: str | None = Field(None, description="same forms as train; default: the train source's validation split")
-    text_field: str = Field("text", description="column with the text (causal LM, masked LM, classification)")
-    prompt_field: str = Field("prompt", description="SFT / seq2seq input column")
-    response_field: str = Field("response", description="SFT / seq2seq target column")
-    label_field: str = Field("label", description="classification label column")
-    max_length: int = Field(256, ge=8, le=1_048_576, description="tokens per example (longer ones are truncated)")
-    max_train_samples: int | None = Field(None, ge=1, description="keep the first N training examples")
-    max_eval_samples: int | None = Field(None, ge=1, description="keep the first N evaluation examples")
 
 
 class Recipe(_Section):

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from hf_efftrain import Recipe, RecipeError, load_recipe
 from hf_efftrain.core.build import make_techniques
-from hf_efftrain.core.recipe import TASKS, DataSection, ModelSection, _training_fields, apply_override
+from hf_efftrain.core.recipe import _training_fields, apply_override
 from hf_efftrain.core.registry import all_techniques
+from hf_efftrain.core.sections import TASKS, DataSection, ModelSection
 from hf_efftrain.core.technique import Env
 
 TECHNIQUES = all_techniques()

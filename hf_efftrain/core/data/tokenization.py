@@ -1,163 +1,26 @@
-"""Data for a recipe: load a source (builtin, local file or folder, hub id), tokenize it for the task, collate.
+"""Tokenize one split for its task: ``causal_lm`` (labels = inputs), ``sft`` (loss on the response only: prompt
+labels are -100), ``masked_lm`` (masking happens in the collator), ``seq2seq`` (prompt -> response) and
+``classification``.
 
-Tasks: ``causal_lm`` (labels = inputs), ``sft`` (loss on the response only: prompt labels are -100),
-``masked_lm`` (BERT-style masking in the collator), ``seq2seq`` (prompt -> response) and ``classification``.
-
-Hostile input (docs/FAULTS.md, "Input faults"): a file that cannot be read, a text column that is not text or a
-label column with fewer than two classes is a ``RecipeError`` naming the field and the file. Rows whose text is
-null or empty (no tokens to learn from) are skipped, and rows longer than ``data.max_length`` are truncated; both
-are counted, logged, and returned in ``stats`` (the run report's ``data`` entry).
+Rows whose text is null or empty (no tokens to learn from) are skipped, and rows longer than ``data.max_length`` are
+truncated; both are counted, logged, and returned in ``stats`` (the run report's ``data`` entry). A text column that
+is not text, or a label column with fewer than two classes, is a ``RecipeError`` naming the field.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import stat
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from ..builtins import is_builtin, load_builtin_dataset, strip_builtin
-from ..errors import RecipeError
+from ...errors import RecipeError
+from .sources import _first_bad_line
 
 logger = logging.getLogger(__name__)
 
-# Local file suffix -> `datasets` builder name.
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # Template for SFT prompts: the loss only covers what follows it.
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 # Class ids name the rows of the classifier head: an id of 10**9 would allocate a billion-row head.
 MAX_CLASSES = 100_000
-
-
-def load_source(spec: str, path: str):
-    """Load ``spec`` as a ``datasets.DatasetDict``; ``path`` is the recipe field it came from (for errors)."""
-    import datasets
-
-    if is_builtin(spec):
-        data = load_builtin_dataset(strip_builtin(spec), path=path)
-    elif Path(spec).exists():
-        data = _load_local(Path(spec), path)
-    elif Path(spec).suffix in FILE_BUILDERS or spec.startswith((".", "/", "~")):
-        raise RecipeError(path, f"file not found: {spec}")
-    else:
-        try:
-            data = datasets.load_dataset(spec)
-        except Exception as e:  # offline machines land here: say what would have worked
-            raise RecipeError(
-                path,
-                f"{spec!r} is not a builtin: name, not a local file or folder, and could not be loaded "
-                f"from the hub ({type(e).__name__}); allowed local suffixes: {', '.join(FILE_BUILDERS)}",
-            ) from None
-    if isinstance(data, datasets.Dataset):
-        data = datasets.DatasetDict(train=data)
-    if "train" not in data or len(data["train"]) == 0:
-        raise RecipeError(path, f"dataset {spec!r} is empty")
-    return data
-
-
-@contextlib.contextmanager
-def _datasets_quiet() -> Iterator[None]:
-    """`datasets` logs its own ERROR line for a file it cannot parse before raising; our RecipeError says it once."""
-    import datasets
-
-    level = datasets.utils.logging.get_verbosity()
-    datasets.utils.logging.set_verbosity(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        datasets.utils.logging.set_verbosity(level)
-
-
-def _load_local(p: Path, path: str):
-    import datasets
-
-    try:
-        if p.is_dir():
-            _require_regular_files(p, path)
-            if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
-                return datasets.load_from_disk(str(p))
-            if not any(f.is_file() for f in p.rglob("*")):
-                raise RecipeError(path, f"folder {str(p)!r} holds no data files ({', '.join(FILE_BUILDERS)})")
-            with _datasets_quiet():
-                return datasets.load_dataset(str(p))
-        _require_regular_files(p, path)
-        if p.stat().st_size == 0:
-            raise RecipeError(path, f"dataset {str(p)!r} is empty")
-        builder = FILE_BUILDERS.get(p.suffix.lower())
-        if builder is None:
-            raise RecipeError(path, f"unsupported file type {p.suffix!r}; allowed: {', '.join(FILE_BUILDERS)}")
-        with _datasets_quiet():
-            return datasets.load_dataset(builder, data_files={"train": str(p)})
-    except RecipeError:
-        raise
-    except Exception as e:  # malformed file: one line, not a traceback
-        if "corresponds to no data" in str(e):  # `datasets`' words for a file with no rows ("[]", a bare header)
-            raise RecipeError(path, f"dataset {str(p)!r} is empty (no rows)") from None
-        raise RecipeError(path, f"could not read {p}: {_explain(p, e)}") from None
-
-
-def _require_regular_files(p: Path, path: str) -> None:
-    """A FIFO, socket or device (``/dev/zero``) as a data file would block or never end: refuse it up front."""
-    for f in [p, *(p.rglob("*") if p.is_dir() else ())]:
-        mode = f.stat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise RecipeError(path, f"{f} is not a regular file (a FIFO, socket or device); give a data file")
-
-
-def _explain(p: Path, error: BaseException) -> str:
-    """One line saying what is wrong with file ``p``: the first non-UTF-8 byte or broken JSON line when that is
-    the cause, else the innermost error's first line (`datasets` wraps them in DatasetGenerationError)."""
-    root = error
-    while root.__cause__ is not None or root.__context__ is not None:
-        root = root.__cause__ or root.__context__
-    if p.is_file() and p.suffix.lower() in (".json", ".jsonl", ".txt", ".csv"):
-        found = _first_bad_line(p)
-        if found:
-            return found
-    detail = (str(root).strip().splitlines() or [""])[0][:300]
-    return f"{type(root).__name__}: {detail}".rstrip(": ")
-
-
-def _first_bad_line(p: Path, limit: int = 1 << 30) -> str | None:
-    """Scan a text data file (the first ``limit`` bytes) for bytes that are not UTF-8, and a JSON Lines file for a
-    line that is not JSON; describe the first one found."""
-    with p.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"line {number} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})"
-            if p.suffix.lower() == ".jsonl" and line.strip():
-                try:
-                    json.loads(line)
-                except ValueError as e:
-                    return f"line {number} is not valid JSON ({e}); each line holds one JSON object"
-            if f.tell() > limit:
-                break
-    if p.suffix.lower() == ".json":
-        try:
-            json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            return f"not valid JSON ({e})"
-    return None
-
-
-def require_columns(dataset, columns: dict[str, str], source: str) -> None:
-    """``columns`` maps recipe field path -> column name; raise naming the field and the columns present, or when
-    a text column holds something other than text (numbers, lists, mixed types)."""
-    import datasets
-
-    for field, column in columns.items():
-        if column not in dataset.column_names:
-            raise RecipeError(field, f"column {column!r} not in {source} (columns: {', '.join(dataset.column_names)})")
-        feature = dataset.features[column]
-        is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-        if field != "data.label_field" and not is_text:
-            kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
-            raise RecipeError(field, f"column {column!r} in {source} must hold text (strings), not {kind}")
 
 
 def task_columns(task: str, data_cfg, columns: list[str] | None = None) -> dict[str, str]:
@@ -374,17 +237,3 @@ def encode_labels(dataset_dict, label_field: str):
             f"classification needs at least 2 classes in the training set; column {label_field!r} has {shown}",
         )
     return dataset_dict, names
-
-
-def make_collator(task: str, tokenizer, model: Any = None, mlm_probability: float = 0.15):
-    """The stock transformers collator for each task (techniques may wrap or replace it)."""
-    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding
-
-    if task == "masked_lm":
-        if tokenizer.mask_token is None:
-            raise RecipeError("model.tokenizer", "masked LM needs a tokenizer with a mask token")
-        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
-    if task == "classification":
-        return DataCollatorWithPadding(tokenizer)
-    # Pads input_ids/attention_mask with the pad id and labels with -100 (no loss on padding).
-    return DataCollatorForSeq2Seq(tokenizer, model=model if task == "seq2seq" else None, label_pad_token_id=-100)

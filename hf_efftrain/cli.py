@@ -1,4 +1,4 @@
-"""Command line: ``hf-efftrain train | validate | techniques | bench | report | plan``.
+"""Command line: ``hf-efftrain train | validate | techniques | bench | report | plan | merge``.
 
 User errors (``RecipeError``) print one message and exit with 2, never a traceback. Training faults
 (``checkpoint.TrainingFault``, docs/FAULTS.md) print one message too and exit with their own code:
@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", help="run folder name the ratios are taken against (default: the first)")
     sp.add_argument("--target-loss", type=float, help="default: the baseline's final smoothed loss")
     sp.add_argument("--window", type=int, help="smoothing: trailing mean over this many logged losses (10)")
+    sp = sub.add_parser("merge", help="merge a run's PEFT adapter into its base model (reloaded unquantized)")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="output folder of a run with the peft technique")
+    sp.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="dtype of the reloaded base and of the merged weights (default auto: the checkpoint's)",
+    )
+    sp.add_argument("--out", help="where the merged model goes (default: RUN_DIR/merged)")
     from .plan.report import add_arguments as plan_arguments  # light import: no torch until a plan runs
 
     plan_arguments(sub.add_parser("plan", help="predict per-device training memory and the cheapest change to fit"))
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": _train, "validate": _validate, "techniques": _techniques}
-        commands.update(bench=_bench, report=_report, plan=_plan)
+        commands.update(bench=_bench, report=_report, plan=_plan, merge=_merge)
         return commands[args.command](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -94,12 +103,19 @@ def _train(args) -> int:
 
 
 def _validate(args) -> int:
-    from .core.build import make_techniques
+    """A dry build (core/dry_run.py): every check ``train`` makes before its first step, no weights loaded."""
+    from .core.dry_run import dry_build, example_lines
     from .core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, args.output_dir)
-    techniques = make_techniques(recipe)
-    print(f"{args.recipe}: ok ({len(techniques)} techniques: {', '.join(t.name for t in techniques) or 'none'})")
+    dry = dry_build(recipe)
+    names = ", ".join(t.name for t in dry.techniques) or "none"
+    rows = f"{len(dry.train_dataset)} train" + (f" + {len(dry.eval_dataset)} eval" if dry.eval_dataset else "")
+    print(f"{args.recipe}: ok ({len(dry.techniques)} techniques: {names}; {dry.task}, {type(dry.model).__name__}, "
+          f"{rows} examples)")  # fmt: skip
+    print("example, data.train row 0: " + "\n".join(example_lines(dry)))
+    for line in dry.unchecked:
+        print(f"not checked without weights: {line}")
     return 0
 
 
@@ -133,6 +149,13 @@ def _plan(args) -> int:
 
     plan = plan_from_args(args)
     print(json.dumps(plan, indent=2) if args.json else render(plan))
+    return 0
+
+
+def _merge(args) -> int:
+    from .core.merge import merge_run
+
+    print(f"merged model: {merge_run(args.run_dir, args.dtype, args.out)}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .data import BUILTIN_DATASETS, PREFIX, load_builtin_dataset
 from .models import BUILTIN_MODELS, builtin_config
-from .tokenizer import get_tokenizer
+from .tokenizer import CHAT_TEMPLATES, get_tokenizer
 
 
 def is_builtin(s: str) -> bool:
@@ -22,6 +22,7 @@ def strip_builtin(s: str) -> str:
 __all__ = [
     "BUILTIN_DATASETS",
     "BUILTIN_MODELS",
+    "CHAT_TEMPLATES",
     "PREFIX",
     "builtin_config",
     "get_tokenizer",

@@ -4,6 +4,9 @@
   files with ``ast`` (importing every stdlib module has side effects), grouped into documents of widely varied
   length (sequence packing, arXiv 2302.01107 sec. "Data efficiency", is measured on it).
 - ``sft-synthetic``: seeded instruction/response pairs from small learnable task templates.
+- ``chat-synthetic``: seeded multi-turn conversations (a ``messages`` column of ``{role, content}`` turns): an
+  optional system prompt (one asks for capital letters), then 1-4 user/assistant turns of the same tasks; some turns
+  ask about the previous answer, so the history matters.
 - ``cls-synthetic``: a seeded text-classification set with class-indicative words, filler and label noise.
 
 Each is built once, saved with ``save_to_disk`` under ``cache_dir("data-v2", name)`` and memory-mapped after.
@@ -35,7 +38,7 @@ from ..errors import RecipeError
 logger = logging.getLogger(__name__)
 
 PREFIX = "builtin:"  # how a recipe names a built-in: builtin:<name>
-BUILTIN_DATASETS: tuple[str, ...] = ("stdlib-docs", "sft-synthetic", "cls-synthetic")
+BUILTIN_DATASETS: tuple[str, ...] = ("stdlib-docs", "sft-synthetic", "chat-synthetic", "cls-synthetic")
 
 SEED = 1234
 VALIDATION_PERMILLE = 50  # ~5% of rows, chosen by a stable hash of the row's text
@@ -225,6 +228,49 @@ def _build_sft_synthetic() -> datasets.DatasetDict:
     return _split([{"prompt": p, "response": r} for p, r in rows.items()], "prompt")
 
 
+# ---------------------------------------------------------------------------------------- chat-synthetic
+
+CHAT_ROWS = 4000
+CHAT_TURNS = (1, 4)  # user/assistant exchanges per conversation
+FOLLOW_UP_RATE = 0.3  # chance that a later user turn asks about the previous answer
+CHAT_SYSTEMS: tuple[tuple[str | None, Callable[[str], str]], ...] = (  # system prompt, what it does to answers
+    (None, str),
+    ("You are a helpful assistant.", str),
+    ("You are a helpful assistant. Answer in capital letters.", str.upper),
+)
+CHAT_FOLLOW_UPS: dict[str, Callable[[str], str]] = {
+    "Repeat your last answer.": str,
+    "Now reverse the words of your last answer.": lambda a: " ".join(reversed(a.split())),
+}
+
+
+def chat_example(rng: random.Random, vocab: list[str]) -> list[dict[str, str]]:
+    """One conversation: its answers follow from the user turns, the system prompt and the previous answer."""
+    system, style = rng.choice(CHAT_SYSTEMS)
+    messages = [{"role": "system", "content": system}] if system else []
+    answer = None
+    for _ in range(rng.randint(*CHAT_TURNS)):
+        if answer is not None and rng.random() < FOLLOW_UP_RATE:
+            prompt = rng.choice(sorted(CHAT_FOLLOW_UPS))
+            answer = CHAT_FOLLOW_UPS[prompt](answer)
+        else:
+            prompt, answer = _sft_example(rng, vocab)
+        answer = style(answer)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def _build_chat_synthetic() -> datasets.DatasetDict:
+    rng, vocab = random.Random(SEED), vocabulary()
+    rows: dict[str, list[dict[str, str]]] = {}
+    while len(rows) < CHAT_ROWS:  # unique conversations, so none is in both splits
+        messages = chat_example(rng, vocab)
+        rows.setdefault(str(messages), messages)
+    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    features = datasets.Features({"messages": datasets.List(turn)})
+    return _split([{"messages": m} for m in rows.values()], "messages", features)
+
+
 # ----------------------------------------------------------------------------------------- cls-synthetic
 
 CLS_ROWS = 4000
@@ -274,6 +320,7 @@ def _build_cls_synthetic() -> datasets.DatasetDict:
 _BUILDERS: dict[str, Callable[[], datasets.DatasetDict]] = {
     "stdlib-docs": _build_stdlib_docs,
     "sft-synthetic": _build_sft_synthetic,
+    "chat-synthetic": _build_chat_synthetic,
     "cls-synthetic": _build_cls_synthetic,
 }
 

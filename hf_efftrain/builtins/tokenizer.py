@@ -1,8 +1,11 @@
 """The built-in tokenizer: a byte-level BPE trained offline on ``builtin:stdlib-docs`` (docs/ARCHITECTURE.md, "Offline
-built-ins"), saved with ``save_pretrained`` under ``cache_dir("tokenizer-v1")`` and loaded like any local tokenizer.
+built-ins"), saved with ``save_pretrained`` under ``cache_dir(CACHE_KEY)`` and loaded like any local tokenizer.
 
 It adds no special tokens by itself (no BOS/EOS post-processor): the data code adds them where a task needs them.
-The 32 ``<extra_id_N>`` sentinels are there for T5-style span corruption.
+The 32 ``<extra_id_N>`` sentinels are there for T5-style span corruption. Its chat template is ChatML (each turn
+is ``<|im_start|>``, the role, a newline, the content, ``<|im_end|>`` and a newline: the format of Qwen 2.5 and
+SmolLM; the two markers are single special tokens) with ``{% generation %}`` markers around each assistant answer,
+which transformers' ``apply_chat_template(..., return_assistant_tokens_mask=True)`` turns into the assistant mask.
 """
 
 from __future__ import annotations
@@ -33,6 +36,22 @@ NAMED_SPECIAL_TOKENS = {
     "sep_token": "<sep>",
 }
 SENTINELS = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CACHE_KEY = "tokenizer-v2"  # v2: the ChatML tokens and chat template
+# The answer and its end-of-turn marker (and the newline after it) are inside {% generation %}: the tokens an
+# assistant turn adds, the same span a render-by-prefix finds for a template without markers.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>\\n' }}{%- endgeneration %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}  # the names model.chat_template accepts
 
 
 def _train(folder: Path) -> None:
@@ -48,7 +67,7 @@ def _train(folder: Path) -> None:
         vocab_size=VOCAB_SIZE,
         min_frequency=2,
         # listed first so they get the ids 0.. (pad = 0), and count toward the 4096
-        special_tokens=[*NAMED_SPECIAL_TOKENS.values(), *SENTINELS],
+        special_tokens=[*NAMED_SPECIAL_TOKENS.values(), *SENTINELS, *CHAT_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -57,7 +76,8 @@ def _train(folder: Path) -> None:
         tokenizer_object=backend,
         model_max_length=MODEL_MAX_LENGTH,
         clean_up_tokenization_spaces=False,  # would change text on decode ("a ." -> "a.")
-        extra_special_tokens=SENTINELS,
+        extra_special_tokens=SENTINELS + CHAT_TOKENS,
+        chat_template=CHATML_TEMPLATE,
         **NAMED_SPECIAL_TOKENS,
     )
     tokenizer.save_pretrained(str(folder))
@@ -74,5 +94,5 @@ def get_tokenizer() -> PreTrainedTokenizerFast:
 
     The in-process cache hands every caller the same object: ``copy.deepcopy`` it before changing its settings.
     """
-    folder = cached_dir(cache_dir("tokenizer-v1"), _train)
+    folder = cached_dir(cache_dir(CACHE_KEY), _train)
     return _load(str(folder))  # keyed by folder, so a different HF_EFFTRAIN_CACHE gets its own tokenizer

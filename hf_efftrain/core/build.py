@@ -16,6 +16,7 @@ from ..builtins import BUILTIN_MODELS, builtin_config, get_tokenizer, is_builtin
 from ..errors import RecipeError
 from ..runtime.distributed import launch_model_kwargs, launch_training_defaults
 from . import data as data_mod
+from .evaluation import metric_kwargs
 from .recipe import Recipe
 from .recipe_checks import check_attention_env
 from .registry import get_technique
@@ -74,6 +75,7 @@ class Built:
             eval_dataset=self.eval_dataset,
             data_collator=self.collator,
             processing_class=self.tokenizer,
+            **metric_kwargs(self.task),  # the same eval metrics as the EffTrainer
         )
 
 
@@ -109,9 +111,10 @@ def load_tokenizer(recipe: Recipe):
     _require_local(source, path)
     check_model_folder(recipe.model.name_or_path)
     if is_builtin(source):
-        return get_tokenizer()
+        return data_mod.with_chat_template(get_tokenizer(), recipe.model.chat_template)
+    revision = None if recipe.model.tokenizer else recipe.model.revision  # model.revision pins the model's repo
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except Exception as e:
         raise RecipeError(
             path,
@@ -120,7 +123,7 @@ def load_tokenizer(recipe: Recipe):
         ) from None
     if tokenizer.pad_token is None:  # e.g. GPT-2 style tokenizers: pad with EOS (labels are -100 there anyway)
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return data_mod.with_chat_template(tokenizer, recipe.model.chat_template)  # model.chat_template, if set
 
 
 def _require_local(name: str, path: str) -> None:
@@ -160,7 +163,7 @@ def load_config(recipe: Recipe, tokenizer):
             raise RecipeError("model.name_or_path", f"could not read {name}/config.json: {_first_line(e)}") from None
     else:
         try:
-            config = AutoConfig.from_pretrained(name)
+            config = AutoConfig.from_pretrained(name, revision=recipe.model.revision)
         except Exception as e:
             allowed = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
             raise RecipeError(
@@ -183,7 +186,7 @@ def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
     arch = (getattr(config, "architectures", None) or [""])[0]
     if arch.endswith("ForSequenceClassification") or d.label_field in columns and d.text_field in columns:
         return "classification"
-    if d.prompt_field in columns and d.response_field in columns:
+    if data_mod.data_format(d, columns) != "text":  # prompt_completion, messages, sharegpt (core/data/formats.py)
         return "seq2seq" if config.is_encoder_decoder else "sft"
     if arch.endswith("ForMaskedLM"):
         return "masked_lm"
@@ -202,7 +205,7 @@ def load_model(recipe: Recipe, config, task: str, kwargs: dict[str, Any]):
     if Path(name).is_dir():
         check_weight_files(Path(name))
     try:
-        return auto.from_pretrained(name, config=config, **kwargs)
+        return auto.from_pretrained(name, config=config, revision=recipe.model.revision, **kwargs)
     except OSError as e:  # no weights file in the folder, or one that cannot be read
         raise RecipeError("model.name_or_path", f"could not load the weights of {name}: {_first_line(e)}") from None
 
@@ -254,42 +257,7 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
     tokenizer = load_tokenizer(recipe)
     config = load_config(recipe, tokenizer)
 
-    with args.main_process_first(desc="load and tokenize data"):
-        raw = data_mod.load_source(recipe.data.train, "data.train")
-        task = infer_task(recipe, config, raw["train"].column_names)
-        eval_raw = data_mod.load_source(recipe.data.eval, "data.eval") if recipe.data.eval else None
-        train_split = raw["train"]
-        eval_split = (eval_raw or {}).get("train") if eval_raw else raw.get("validation")
-        cols = data_mod.task_columns(task, recipe.data, train_split.column_names)
-        data_mod.require_columns(train_split, cols, recipe.data.train)
-        if eval_split is not None:
-            data_mod.require_columns(eval_split, cols, recipe.data.eval or recipe.data.train)
-        if task == "classification":
-            splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field)
-            train_split, eval_split = splits["train"], splits.get("eval")
-            if recipe.model.num_labels is not None and recipe.model.num_labels < len(names):
-                raise RecipeError(
-                    "model.num_labels", f"{recipe.model.num_labels} but the data has {len(names)} classes"
-                )
-            config.num_labels = recipe.model.num_labels or len(names)
-            config.id2label = dict(enumerate(names))
-            config.label2id = {n: i for i, n in enumerate(names)}
-            config.pad_token_id = tokenizer.pad_token_id
-        train_split = _head(train_split, recipe.data.max_train_samples)
-        eval_split = _head(eval_split, recipe.data.max_eval_samples)
-        stats: dict[str, Any] = {}
-        train_dataset = data_mod.tokenize(train_split, task, tokenizer, recipe.data, "data.train", stats)
-        eval_dataset = (
-            data_mod.tokenize(eval_split, task, tokenizer, recipe.data, "data.eval", stats) if eval_split else None
-        )
-        check_data_fits(recipe, config, args, train_dataset, eval_dataset)
-        for t in techniques:
-            train_dataset = t.on_dataset(train_dataset, tokenizer)
-
-    if eval_dataset is None and args.eval_strategy != "no":
-        raise RecipeError(
-            "training.eval_strategy", "needs an evaluation set: set data.eval, or use a source with a validation split"
-        )
+    task, train_dataset, eval_dataset, stats = load_data(recipe, config, tokenizer, args, techniques)
 
     kwargs: dict[str, Any] = launch_model_kwargs(recipe.model.name_or_path)  # tensor parallel launches
     if recipe.model.attn_implementation:
@@ -322,10 +290,51 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
         data_collator=collator,
         processing_class=tokenizer,
         techniques=techniques,
+        **metric_kwargs(task),  # eval metrics per task (evaluation.py)
     )
     return Built(
         recipe, task, techniques, tokenizer, model, train_dataset, eval_dataset, collator, args, trainer, stats
     )
+
+
+def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Technique] | tuple = ()):
+    """Load, check and tokenize the train/eval data, then the techniques' ``on_dataset`` (none given: the
+    tokenized data as is, what ``dry_run`` checks); returns (task, train, eval, stats)."""
+    with args.main_process_first(desc="load and tokenize data"):
+        sources = data_mod.load_sources(recipe.data)  # data.train (one source or a weighted list), data.eval
+        task = infer_task(recipe, config, sources.columns)
+        cols = data_mod.task_columns(task, recipe.data, sources.columns)
+        # Seeded like the Trainer's sampler, so a resumed run rebuilds the same mixture and held-out rows.
+        train_split, eval_split = sources.splits(cols, args.seed if args.data_seed is None else args.data_seed)
+        if task == "classification":
+            splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field)
+            train_split, eval_split = splits["train"], splits.get("eval")
+            if recipe.model.num_labels is not None and recipe.model.num_labels < len(names):
+                raise RecipeError(
+                    "model.num_labels", f"{recipe.model.num_labels} but the data has {len(names)} classes"
+                )
+            config.num_labels = recipe.model.num_labels or len(names)
+            config.id2label = dict(enumerate(names))
+            config.label2id = {n: i for i, n in enumerate(names)}
+            config.pad_token_id = tokenizer.pad_token_id
+        train_split = _head(train_split, recipe.data.max_train_samples)
+        eval_split = _head(eval_split, recipe.data.max_eval_samples)
+        stats: dict[str, Any] = {}
+        train_dataset = data_mod.tokenize(train_split, task, tokenizer, recipe.data, "data.train", stats)
+        eval_dataset = (
+            data_mod.tokenize(eval_split, task, tokenizer, recipe.data, "data.eval", stats) if eval_split else None
+        )
+        check_data_fits(recipe, config, args, train_dataset, eval_dataset)
+        for t in techniques:
+            train_dataset = t.on_dataset(train_dataset, tokenizer)
+
+    if eval_dataset is None and args.eval_strategy != "no":
+        raise RecipeError(
+            "training.eval_strategy",
+            "needs an evaluation set: set data.eval, data.eval_split or data.eval_fraction, or use a source with a "
+            "validation split",
+        )
+    return task, train_dataset, eval_dataset, stats
 
 
 def declare_loss_kwargs(model) -> None:

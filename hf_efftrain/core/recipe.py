@@ -239,7 +239,9 @@ def _message(err: dict) -> str:
 def _fields_at(model_cls: type[BaseModel], loc: list) -> list[str]:
     cls: Any = model_cls
     for part in loc:
-        if isinstance(part, int) or not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        if isinstance(part, int):  # an item of a list field (data.train[1]): the item's model is already in cls
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             return []
         cls = _model_type(cls.model_fields[part].annotation) if part in cls.model_fields else None
     if isinstance(cls, type) and issubclass(cls, BaseModel):

@@ -15,7 +15,7 @@ from .recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILES = ("run_report.json", "loss.png")
+REPORT_FILES = ("run_report.json", "loss.png", "README.md")  # README.md: the model card
 
 
 def train(
@@ -54,6 +54,7 @@ def train(
     train_output = trainer.train(resume_from_checkpoint=resume)
     extra: dict[str, Any] = {"task": built.task, "output_dir": str(out), "recipe": recipe.to_dict()}
     extra["data"] = built.data_stats  # rows skipped (null/empty) and truncated, per split (docs/FAULTS.md)
+    extra["model_config"] = built.model.config.to_dict()  # as trained (labels, overrides): what a merge reloads
     if built.eval_dataset is not None:
         extra["eval"] = trainer.evaluate()
     latest = latest_name(str(out))
@@ -62,9 +63,22 @@ def train(
         report = build_run_report(trainer, train_output, built.techniques, mean_length(built), extra)
         if trainer.is_world_process_zero():
             (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            write_model_cards(out, recipe.to_dict(), report, adapter=hasattr(trainer.model, "peft_config"))
             plot_loss(trainer.state.log_history, out / "loss.png")
             write_run_report(out, report)  # last: its presence means the run finished
     return report
+
+
+def write_model_cards(out: Path, recipe: dict[str, Any], report: dict[str, Any], adapter: bool) -> None:
+    """README.md next to the saved weights (``adapter``: the Trainer saved a PEFT adapter, not the whole model),
+    plus one in each merged folder a technique reports (``merged_model``)."""
+    from ..runtime.model_card import write_model_card
+
+    write_model_card(out, recipe, report, "adapter" if adapter else "full")
+    for entry in report.get("techniques", []):
+        merged = (entry.get("report") or {}).get("merged_model")
+        if merged and Path(merged).is_dir():
+            write_model_card(merged, recipe, report, "merged")
 
 
 def mean_length(built: Built, sample: int = 2000) -> int:

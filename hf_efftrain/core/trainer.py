@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..errors import RecipeError
 from ..runtime import checkpoint
 from .technique import Technique
 
@@ -39,7 +40,10 @@ class EffTrainer(Trainer):
             callbacks.extend(t.callbacks())
         self.preemption = checkpoint.Preemption()
         callbacks.append(self.preemption)
-        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        try:
+            super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        except ValueError as e:  # an argument combination Trainer.__init__ refuses (_validate_args, Accelerator setup)
+            raise RecipeError("training", (str(e).strip().splitlines() or [""])[0]) from None
         for t in self.techniques:
             t.on_trainer(self)
 

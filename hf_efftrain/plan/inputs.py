@@ -235,10 +235,12 @@ def _optimizer_from_name(name: str) -> tuple[str, int]:
 
 def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     """(model config, Setup) from a recipe: batch and length, the techniques that change memory. No weights load."""
+    from ..builtins import is_builtin
     from ..core.build import load_config, load_tokenizer
 
     training = recipe.training
-    config = load_config(recipe, load_tokenizer(recipe))
+    # Only a builtin: config takes its vocabulary from the tokenizer; a config.json alone sizes any other model.
+    config = load_config(recipe, load_tokenizer(recipe) if is_builtin(recipe.model.name_or_path) else None)
     techniques = {t.name: t.model_dump() for t in recipe.techniques}
     notes = []
     optim, bits = _optimizer_from_name(str(training.get("optim", "adamw_torch")))

@@ -108,6 +108,8 @@ def render(plan: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="recipe YAML (or use --params)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. model.name_or_path=FOLDER_WITH_CONFIG_JSON")  # fmt: skip
     p.add_argument("--params", help="plan a model by parameter count instead, e.g. 7B, 1.3B, 125M")
     for name, kind, help_ in (
         ("--layers", int, "blocks (default: derived from --params)"),
@@ -160,7 +162,7 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from ..core.recipe import load_recipe
 
-        model, setup = recipe_model_and_setup(load_recipe(args.recipe), device)
+        model, setup = recipe_model_and_setup(load_recipe(args.recipe, getattr(args, "overrides", None)), device)
         setup = setup.changed(seq_len=args.seq_len or setup.seq_len, batch=args.batch or setup.batch)
     if args.accelerate_config:
         from .inputs import distributed_from_accelerate

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import platform
 import resource
 import sys
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..cache import write_json_atomic
-from .flops import mfu, model_flops_per_token, peak_flops
+from .flops import device_peak, mfu, mfu_for_run, model_flops_per_token, peak_flops
 from .report import plot_loss, summary_table
 
 if TYPE_CHECKING:
@@ -30,11 +31,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [  # FLOPs from flops.py, plot_loss and summary_table from report.py: re-exported, one import for callers
-    "build_run_report", "loss_curve", "mfu", "model_flops_per_token", "optimizer_state_bytes", "peak_flops",
-    "peak_memory", "plot_loss", "summary_table", "versions", "write_run_report",
+    "build_run_report", "eval_metrics", "loss_curve", "mfu", "model_flops_per_token", "optimizer_state_bytes",
+    "peak_flops", "peak_memory", "plot_loss", "summary_table", "versions", "write_run_report",
 ]  # fmt: skip
 
 REPORT_FILE = "run_report.json"
+# Tasks whose loss is a mean token cross-entropy (core/build.py TASK_AUTO_CLASS), so exp(eval_loss) is a perplexity.
+PERPLEXITY_TASKS = ("causal_lm", "sft", "masked_lm", "seq2seq")
+# What the Trainer adds to every evaluation's metrics besides the loss: timings, not measures of quality.
+_EVAL_BOOKKEEPING = frozenset(
+    {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time",
+     "eval_jit_compilation_time"}
+)  # fmt: skip
 
 _PACKAGES = (
     "torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "deepspeed", "bitsandbytes",
@@ -153,7 +161,9 @@ def build_run_report(
         tokens_per_second = tokens / runtime
 
     losses = [(e["step"], e["loss"]) for e in state.log_history if "loss" in e and "step" in e]
-    eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+    evaluation = eval_metrics(state.log_history, (extra or {}).get("task"))
+    if "eval_perplexity" in evaluation and evaluation["eval_perplexity"] is None and evaluation["eval_loss"]:
+        notes.append(f"eval_perplexity: exp(eval_loss) is not finite (eval_loss={evaluation['eval_loss']})")
 
     model = trainer.model
     params = list(model.parameters())
@@ -163,10 +173,13 @@ def build_run_report(
     memory = peak_memory()  # before peak_flops: a measurement's matmul must not count as the run's peak
     flops_per_token = model_flops_per_token(model, seq_len)
     dtype = _dtype_of(trainer.args)
-    peak, peak_source = peak_flops(trainer.args.device, dtype)
-    run_mfu = None
-    if tokens_per_second is not None:
-        run_mfu = mfu(tokens_per_second, flops_per_token, peak, world_size)
+    device = trainer.args.device
+    run_mfu, peak = None, None
+    if tokens_per_second is not None:  # never over 1: a run beating the peak re-measures it, else no MFU
+        run_mfu, peak, mfu_note = mfu_for_run(tokens_per_second, flops_per_token, device, dtype, world_size)
+        if mfu_note:
+            notes.append(mfu_note)
+    peak = peak or device_peak(device, dtype)
 
     technique_reports = []
     for t in techniques:
@@ -184,7 +197,7 @@ def build_run_report(
         "train_loss_first": losses[0][1] if losses else None,
         "train_loss_final": losses[-1][1] if losses else None,
         "train_loss_mean": metrics.get("train_loss"),
-        "eval_loss": eval_losses[-1] if eval_losses else None,
+        **evaluation,  # eval_loss, and the last evaluation's metrics (eval_accuracy, ..., eval_perplexity)
         "tokens_seen": int(tokens),
         "seq_len": int(seq_len),
         "params_total": sum(_param_count(p) for p in params),
@@ -193,8 +206,9 @@ def build_run_report(
         "peak_memory_bytes": memory,
         "model_flops_per_token": flops_per_token,
         "mfu": run_mfu,
-        "peak_flops": peak,
-        "peak_flops_source": peak_source,
+        "peak_flops": peak.flops,
+        "peak_flops_source": peak.source,
+        "peak_flops_measured_at": peak.measured_at,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "device": str(trainer.args.device),
         "world_size": world_size,
@@ -209,6 +223,27 @@ def build_run_report(
         logger.warning("run report: %s", note)
     report.update(extra or {})
     return report
+
+
+def eval_metrics(log_history: list[dict[str, Any]], task: str | None = None) -> dict[str, float | None]:
+    """``eval_loss`` and the other metrics of the last evaluation in ``log_history`` (what ``compute_metrics``
+    returned: ``eval_accuracy``, ``eval_macro_f1``, ``eval_token_accuracy``, ...; not the Trainer's timings), plus
+    ``eval_perplexity = exp(eval_loss)`` for a token-level ``task``, as transformers' ``run_clm.py`` / ``run_mlm.py``
+    examples report it. The Trainer's ``eval_loss`` is the mean of the batches' mean token loss, so this is the
+    corpus perplexity exactly when the evaluation batches hold equal numbers of label tokens."""
+    last = next((e for e in reversed(log_history) if "eval_loss" in e), {})
+    out: dict[str, float | None] = {"eval_loss": last.get("eval_loss")}
+    for key, value in last.items():
+        if key.startswith("eval_") and key not in _EVAL_BOOKKEEPING and not key.startswith("eval_mem_"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = value
+    if task in PERPLEXITY_TASKS:
+        loss = out["eval_loss"]
+        try:
+            out["eval_perplexity"] = math.exp(loss) if loss is not None and math.isfinite(loss) else None
+        except OverflowError:
+            out["eval_perplexity"] = None
+    return out
 
 
 def loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:

@@ -14,6 +14,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+# The evaluation metrics a run may report (core/evaluation.py, metrics.eval_metrics): a row each, when present.
+_EVAL_ROWS = (
+    ("eval_perplexity", "eval perplexity", (",.2f",)),
+    ("eval_token_accuracy", "eval token accuracy", (".2f", 0.01, " %")),
+    ("eval_accuracy", "eval accuracy", (".2f", 0.01, " %")),
+    ("eval_macro_f1", "eval macro-F1", (".4f",)),
+)
 
 
 def plot_loss(log_history: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
@@ -74,6 +81,9 @@ def summary_table(report: Mapping[str, Any]) -> str:
         ("steps", _num(report.get("steps"), "d")),
         ("train loss (first -> final)", loss),
         ("eval loss", _num(report.get("eval_loss"), ".4f")),
+    ]
+    rows += [(name, _num(report[key], *fmt)) for key, name, fmt in _EVAL_ROWS if report.get(key) is not None]
+    rows += [
         ("tokens/s", _num(report.get("tokens_per_second"), ",.1f")),
         ("samples/s", _num(report.get("samples_per_second"), ",.2f")),
         ("wall time", _num(report.get("wall_time_s"), ".1f", suffix=" s")),
@@ -87,6 +97,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
         ("MFU", _num(report.get("mfu"), ".2f", 0.01, " %")),
     ]
     if report.get("peak_flops_source"):
-        rows.append(("peak FLOP/s", f"{_num(report.get('peak_flops'), '.3g')} ({report['peak_flops_source']})"))
+        when = f", measured {report['peak_flops_measured_at']}" if report.get("peak_flops_measured_at") else ""
+        rows.append(("peak FLOP/s", f"{_num(report.get('peak_flops'), '.3g')} ({report['peak_flops_source']}{when})"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

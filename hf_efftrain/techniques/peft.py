@@ -16,12 +16,11 @@ Everything is built with PEFT's own configs (``LoraConfig(use_dora=..., use_rslo
 ``PrefixTuningConfig``), ``get_peft_model`` and ``peft.optimizers.create_loraplus_optimizer``. Inside this module
 ``import peft`` is the PyPI package (imports are absolute). Functional core for the stock Trainer:
 ``apply_peft(model, method="lora", r=8)``, ``LoraPlusFactory`` (``Trainer(optimizer_cls_and_kwargs=...)``),
-``merge_and_save(model, folder)`` / ``MergeAndSaveCallback``.
+``merge_and_save(model, folder)`` / ``MergeAndSaveCallback`` (``core/merge.py``: the base is reloaded, not copied).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,8 @@ import torch
 from pydantic import Field
 from transformers import TrainerCallback, TrainingArguments
 
+from ..builtins import is_builtin
+from ..core.merge import MERGED_DIR, merge_model
 from ..core.registry import register_technique
 from ..core.technique import ORDER_ADAPTER, Env, Technique, TechniqueConfig
 from ..errors import MissingDependencyError, RecipeError
@@ -52,7 +53,6 @@ FIELD_METHODS: dict[str, frozenset[str]] = {
 }
 DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "loraplus_lr_ratio": 16.0}
 DEFAULT_VIRTUAL_TOKENS = 20
-MERGED_DIR = "merged"
 
 
 # ---- functional core ---------------------------------------------------------------------------------------
@@ -142,8 +142,11 @@ def make_peft_config(
     raise RecipeError("method", f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
-def apply_peft(model: torch.nn.Module, method: str = "lora", path: str = "", **fields: Any):
+def apply_peft(
+    model: torch.nn.Module, method: str = "lora", path: str = "", revision: str | None = None, **fields: Any
+):
     """Wrap ``model`` with ``get_peft_model``: base weights frozen, only the adapters (and modules_to_save) train.
+    ``revision`` (the base's hub revision) is recorded in adapter_config.json, so the base reloads at that commit.
 
     Target and modules_to_save names are checked against the model first (PEFT silently ignores a list entry
     that matches nothing when another entry matches).
@@ -163,7 +166,7 @@ def apply_peft(model: torch.nn.Module, method: str = "lora", path: str = "", **f
     task_type = task_type_of(model)
     config = make_peft_config(method, task_type, **fields)
     try:
-        return peft.get_peft_model(model, config)
+        return peft.get_peft_model(model, config, revision=revision)
     except ValueError as e:  # e.g. no default target modules for an architecture PEFT does not know
         message = str(e).strip().splitlines()[0]
         raise RecipeError(prefix + "target_modules", f"{message} (try target_modules: all-linear)") from None
@@ -211,36 +214,31 @@ def _sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_numel") or isinstance(p, DTensor) for p in model.parameters())
 
 
-def merge_and_save(model: torch.nn.Module, folder: str | Path, tokenizer: Any = None) -> Path | None:
+def merge_and_save(
+    model: torch.nn.Module, folder: str | Path, tokenizer: Any = None, dtype: str = "auto"
+) -> Path | None:
     """Save ``base + adapters`` merged into a plain transformers model (``from_pretrained``-loadable).
 
-    The merge runs on a copy (``merge_and_unload`` is destructive), so the adapter model keeps training, evaluating
-    and saving its adapter afterwards. Merging into a quantized base re-quantizes the merged weights (PEFT's
-    behaviour, with rounding error). Returns None (and logs) for ZeRO-3 / FSDP-sharded parameters.
+    ``core.merge.merge_model``: the adapter is saved, the base reloaded unquantized on the CPU (a QLoRA base merges
+    into its original weights) and merged there; ``model`` is not copied and keeps training, evaluating and saving
+    its adapter afterwards. Returns None (and logs) for ZeRO-3 / FSDP-sharded parameters.
     """
     if _sharded(model):
-        logger.warning("peft merge_and_save: parameters are sharded (ZeRO-3 / FSDP); merge the saved adapter offline")
+        logger.warning("peft merge_and_save: parameters are sharded (ZeRO-3 / FSDP); run hf-efftrain merge RUN_DIR")
         return None
-    folder = Path(folder)
-    merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    del merged
-    logger.info("peft: merged model saved to %s", folder)
-    return folder
+    return merge_model(model, folder, dtype=dtype, tokenizer=tokenizer)
 
 
 class MergeAndSaveCallback(TrainerCallback):
     """At train end (main process), ``merge_and_save`` the trained model to ``output_dir/<subdir>``."""
 
-    def __init__(self, subdir: str = MERGED_DIR):
-        self.subdir = subdir
+    def __init__(self, subdir: str = MERGED_DIR, dtype: str = "auto"):
+        self.subdir, self.dtype = subdir, dtype
         self.saved_to: Path | None = None
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero and model is not None:
-            self.saved_to = merge_and_save(model, Path(args.output_dir) / self.subdir, processing_class)
+            self.saved_to = merge_and_save(model, Path(args.output_dir) / self.subdir, processing_class, self.dtype)
         return control
 
 
@@ -319,6 +317,11 @@ class PeftTechnique(Technique):
             raise RecipeError(key, f"only used with method: {allowed} (method is {c.method!r}); remove it")
         if c.merge_and_save and c.method == "prefix_tuning":
             raise RecipeError("merge_and_save", "prefix tuning adds tokens, there is nothing to merge; remove it")
+        if c.merge_and_save and is_builtin(recipe.model.name_or_path):
+            raise RecipeError(
+                "merge_and_save",
+                "merging reloads the base from its weights; a builtin: model has none (save it first)",
+            )
         if c.method == "prefix_tuning" and recipe.model.task == "masked_lm":
             raise RecipeError("method", "prefix_tuning needs a causal LM, seq2seq or classification model")
         problem = (
@@ -328,9 +331,14 @@ class PeftTechnique(Technique):
             raise RecipeError("method", f"loraplus: {problem}")
         names = recipe.technique_names()
         self._path = f"techniques[{names.index(self.name)}]" if self.name in names else ""
+        self._revision = recipe.model.revision
+        self._merge_dtype = recipe.model.dtype or "auto"
 
     def on_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = apply_peft(model, self.config.method, path=getattr(self, "_path", ""), **self.fields())
+        revision = getattr(self, "_revision", None)
+        model = apply_peft(
+            model, self.config.method, path=getattr(self, "_path", ""), revision=revision, **self.fields()
+        )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         self._summary = {"task_type": task_type_of(model.get_base_model()), "params_adapter": trainable}
@@ -354,7 +362,7 @@ class PeftTechnique(Technique):
     def callbacks(self) -> list[TrainerCallback]:
         if not self.config.merge_and_save:
             return []
-        self._merge_callback = MergeAndSaveCallback()
+        self._merge_callback = MergeAndSaveCallback(dtype=getattr(self, "_merge_dtype", "auto"))
         return [self._merge_callback]
 
     def report(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Hostile input, end to end: every malformed recipe, data file or model folder gives `hf-efftrain validate|train`
 exit code 2 and one ``error: <field path>: ...`` line (no traceback, no hang, no run report), or is a documented,
-counted skip (null/empty rows, truncated rows). The table in docs/FAULTS.md ("Input faults") points here.
+counted skip (null/empty rows, truncated rows). What `train` refuses before its first step, `validate` (a dry build,
+core/dry_run.py) refuses with the same line (both_refuse). The table in docs/FAULTS.md ("Input faults") points here.
 
 Runs go through ``hf_efftrain.cli.main`` in-process (fast); two subprocess tests show that nothing reaches a real
 stderr but the one line. Nothing here trains more than one step.
@@ -58,10 +59,19 @@ def assert_user_error(code: int, err: str, expected: str, output_dir: Path | Non
         assert not (output_dir / "run_report.json").exists()
 
 
-def train_fails(tmp_path, capsys, tiny_recipe, expected: str, **sections) -> None:
+def both_refuse(tmp_path, capsys, tiny_recipe, expected: str, **sections) -> None:
+    """`validate` (a dry build, core/dry_run.py) and `train` refuse the recipe with the same one line; neither
+    leaves a run report, and `validate` leaves no output folder at all."""
     recipe = tiny_recipe(**sections)
-    code, err = run_cli(capsys, "train", str(write_recipe(tmp_path, recipe)))
-    assert_user_error(code, err, expected, Path(recipe["training"]["output_dir"]))
+    path, output_dir = write_recipe(tmp_path, recipe), Path(recipe["training"]["output_dir"])
+    lines = {}
+    for command in ("validate", "train"):
+        code, err = run_cli(capsys, command, str(path))
+        assert_user_error(code, err, expected, output_dir)
+        lines[command] = [line for line in err.splitlines() if line.startswith("error: ")]
+        if command == "validate":
+            assert not output_dir.exists(), "validate wrote into the output folder"
+    assert lines["validate"] == lines["train"]
 
 
 def own_data(path: Path | str, **fields) -> dict:
@@ -221,7 +231,7 @@ def test_malformed_data_file(tmp_path, capsys, tiny_recipe, name, content, field
         _parquet_rows(path, [])
     else:
         path.write_bytes(content)
-    train_fails(tmp_path, capsys, tiny_recipe, expected.format(path=path), data=own_data(path, **fields))
+    both_refuse(tmp_path, capsys, tiny_recipe, expected.format(path=path), data=own_data(path, **fields))
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "link_to_dev_zero", "folder_with_fifo", "empty_folder"])
@@ -243,7 +253,7 @@ def test_data_path_that_would_hang_or_is_not_a_file(tmp_path, capsys, tiny_recip
         "folder_with_fifo": f"data.train: {path / 'b.jsonl'} is not a regular file",
         "empty_folder": f"data.train: folder '{path}' holds no data files",
     }.get(kind, f"data.train: {path} is not a regular file (a FIFO, socket or device)")
-    train_fails(tmp_path, capsys, tiny_recipe, expected, data=own_data(path))
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, data=own_data(path))
 
 
 def test_missing_text_column_in_the_eval_file(tmp_path, capsys, tiny_recipe):
@@ -251,14 +261,14 @@ def test_missing_text_column_in_the_eval_file(tmp_path, capsys, tiny_recipe):
     train.write_text("".join(json.dumps({"text": f"row {i} of words"}) + "\n" for i in range(16)))
     evaluation.write_text('{"body": "x"}\n')
     expected = f"data.text_field: column 'text' not in {evaluation} (columns: body)"
-    train_fails(tmp_path, capsys, tiny_recipe, expected, data=own_data(train, eval=str(evaluation)))
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, data=own_data(train, eval=str(evaluation)))
 
 
 def test_sft_without_a_response_column(tmp_path, capsys, tiny_recipe):
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "say hi"}\n')
     expected = f"data.response_field: column 'response' not in {path} (columns: prompt)"
-    train_fails(tmp_path, capsys, tiny_recipe, expected, data=own_data(path), model={"task": "sft"})
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, data=own_data(path), model={"task": "sft"})
 
 
 CLASSIFICATION = [
@@ -288,12 +298,12 @@ def test_bad_classification_labels(tmp_path, capsys, tiny_recipe, rows, model, e
     path = tmp_path / "cls.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = {"name_or_path": "builtin:tiny-bert", "task": "classification", **model}
-    train_fails(tmp_path, capsys, tiny_recipe, expected, data=own_data(path), model=model)
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, data=own_data(path), model=model)
 
 
 def test_batch_of_a_billion_fails_before_allocating(tmp_path, capsys, tiny_recipe):
     expected = "training.per_device_train_batch_size: 1000000000 x 1 processes is more than the 256 training examples"
-    train_fails(tmp_path, capsys, tiny_recipe, expected, training={"per_device_train_batch_size": 10**9})
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, training={"per_device_train_batch_size": 10**9})
 
 
 def test_rows_longer_than_the_model_positions(tmp_path, capsys, tiny_recipe):
@@ -303,7 +313,53 @@ def test_rows_longer_than_the_model_positions(tmp_path, capsys, tiny_recipe):
         "but the model takes at most 1024 positions (config.max_position_embeddings); set data.max_length <= 1024"
     )
     model = {"name_or_path": "builtin:tiny-gpt2"}
-    train_fails(tmp_path, capsys, tiny_recipe, expected, data=own_data(path, max_length=2048), model=model)
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, data=own_data(path, max_length=2048), model=model)
+
+
+BUILD_ONLY = [  # caught by building what train builds: TrainingArguments, Trainer.__init__, the built-ins
+    (
+        {"training": {"load_best_model_at_end": True, "save_strategy": "no", "eval_strategy": "steps"}},
+        "training: --load_best_model_at_end requires the save and eval strategy to match",
+    ),
+    (
+        {"training": {"save_strategy": "best", "eval_strategy": "steps", "eval_steps": 1}},
+        "training: `args.metric_for_best_model` must be provided when using 'best' save_strategy",
+    ),
+    (
+        {
+            "training": {
+                "gradient_accumulation_steps": 2,
+                "accelerator_config": {"gradient_accumulation_kwargs": {"num_steps": 2}},
+            }
+        },
+        "training: The `AcceleratorConfig`'s `num_steps` is set but `gradient_accumulation_steps` is greater than 1",
+    ),
+    ({"model": {"name_or_path": "builtin:tiny-nope"}}, "model.name_or_path: unknown builtin model 'tiny-nope'"),
+    ({"data": {"train": "builtin:nope"}}, "data.train: unknown builtin dataset 'nope'; allowed: builtin:"),
+    ({"training": {"resume_from_checkpoint": "no/such/checkpoint"}}, "resume: no checkpoint folder at no/such/chec"),
+]
+
+
+BUILD_ONLY_IDS = [
+    "best_model_without_saves",
+    "best_without_metric",
+    "accumulation_twice",
+    "model",
+    "data",
+    "resume_folder",
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), BUILD_ONLY, ids=BUILD_ONLY_IDS)
+def test_a_combination_only_a_build_refuses(tmp_path, capsys, tiny_recipe, change, expected):
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, **change)
+
+
+def test_eval_strategy_without_eval_data(tmp_path, capsys, tiny_recipe):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i} of words"}) + "\n" for i in range(16)))
+    expected = "training.eval_strategy: needs an evaluation set: set data.eval"
+    both_refuse(tmp_path, capsys, tiny_recipe, expected, data=own_data(path), training={"eval_strategy": "steps"})
 
 
 # ---- counted skips: null / empty rows, truncation ------------------------------------------------------------------
@@ -333,6 +389,11 @@ def test_truncation_flags_match_a_reference_count(task):
     from hf_efftrain.core.recipe import DataSection
 
     tok = get_tokenizer()
+    if task == "sft":  # SFT_TEMPLATE is the rendering for a tokenizer without a chat template (core/data/chat.py)
+        import copy
+
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None
     limit = 40 if task == "sft" else 12  # the SFT template alone takes a dozen tokens
     cfg = DataSection(train="x", max_length=limit)
     texts = ["a b", "word " * 5, "word " * 11, "word " * 30, "", None, "  ", "the quick brown fox jumps over it"]
@@ -435,14 +496,16 @@ def test_broken_model_folder(tmp_path, capsys, tiny_recipe, model_folder, kind, 
     else:
         path = _broken_copy(model_folder, tmp_path / kind, kind)
     model = {"name_or_path": str(path), "config_overrides": {}}
-    train_fails(tmp_path, capsys, tiny_recipe, expected.format(path=path), model=model)
+    both_refuse(tmp_path, capsys, tiny_recipe, expected.format(path=path), model=model)
 
 
 def test_a_good_model_folder_still_trains(tmp_path, capsys, tiny_recipe, model_folder):
     """The checks above must not reject the real thing."""
     recipe = tiny_recipe(model={"name_or_path": str(model_folder), "config_overrides": {}}, training={"max_steps": 1})
-    code, err = run_cli(capsys, "train", str(write_recipe(tmp_path, recipe)))
-    assert code == 0, err
+    path = write_recipe(tmp_path, recipe)
+    for command in ("validate", "train"):
+        code, err = run_cli(capsys, command, str(path))
+        assert code == 0, err
 
 
 # ---- as a user runs it: a real process, a real stderr ------------------------------------------------------------
@@ -465,9 +528,13 @@ def test_subprocess_fifo_data_file_does_not_hang(tmp_path, tiny_recipe):
     fifo = tmp_path / "data.jsonl"
     os.mkfifo(fifo)
     recipe = tiny_recipe(data=own_data(fifo))
-    res = _cli("train", str(write_recipe(tmp_path, recipe)))
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: data.train: {fifo} is not a regular file (a FIFO, socket or device); give a data file"]
-    assert not (tmp_path / "run" / "run_report.json").exists()
+    path = write_recipe(tmp_path, recipe)
+    for command in ("validate", "train"):
+        res = _cli(command, str(path))
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [
+            f"error: data.train: {fifo} is not a regular file (a FIFO, socket or device); give a data file"
+        ]
+        assert not (tmp_path / "run" / "run_report.json").exists()

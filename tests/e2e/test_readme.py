@@ -37,6 +37,7 @@ SKIP = {
         "six training subprocesses, minutes on 2 CPU cores; the bench runner is covered by tests/unit/test_bench.py"
     ),
     "bash scripts/gpu_check.sh": "needs a CUDA GPU",
+    "hf-efftrain merge runs/llama3.1-8b-lora --dtype bfloat16": "needs a finished LoRA run of an 8B model (the hub)",
 }
 
 # Run as written. `hf-efftrain train` commands get `--set training.max_steps=2` appended (a later --set of the

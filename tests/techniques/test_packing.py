@@ -1,5 +1,6 @@
 """Packing: bin assignment by hand, padding numbers, and the core claim: a packed document's logits equal those of
-the document run alone (no attention across documents) on sdpa and eager, Llama and GPT-2, causal LM and SFT."""
+the document run alone (no attention across documents) on sdpa and eager, Llama and GPT-2, causal LM, SFT and
+conversations (assistant-only labels)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,45 @@ def test_packed_documents_equal_documents_alone(kind, impl, task):
             seen += 1
     assert seen == len(docs)
     # No target crosses a boundary: the packed loss is exactly the token-weighted mean of the documents' losses.
+    assert abs(float(out.loss) - loss_sum / targets) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_conversations_leak_nothing(impl):
+    """Chat data (builtin:chat-synthetic through the ChatML template, assistant-only labels): every packed
+    conversation has its own logits and its own labels, and the packed loss is the mean over assistant tokens."""
+    from hf_efftrain.builtins import get_tokenizer, load_builtin_dataset
+    from hf_efftrain.core.data import tokenize
+    from hf_efftrain.core.sections import DataSection
+
+    tok = get_tokenizer()
+    rows = load_builtin_dataset("chat-synthetic")["train"].select(range(12))
+    convs = tokenize(rows, "sft", tok, DataSection(train="builtin:chat-synthetic", max_length=256))
+    packed = pack_dataset(convs, 256)
+    assert len(packed) < len(convs)
+    batch = PackedCollator(pad_token_id=tok.pad_token_id, attn_implementation=impl)(list(packed))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    model = LlamaForCausalLM._from_config(config, attn_implementation=impl).train()
+    own = {tuple(c["input_ids"]): c["labels"] for c in convs}
+    with torch.no_grad():
+        out = model(**batch)
+        loss_sum, targets, seen = 0.0, 0, 0
+        for r, s, e in _segments(batch["position_ids"]):
+            ids = batch["input_ids"][r, s:e]
+            if tuple(ids.tolist()) not in own:
+                assert batch["labels"][r, s:e].eq(-100).all() and ids.eq(tok.pad_token_id).all()  # row padding
+                continue
+            labels = own[tuple(ids.tolist())]
+            assert labels[0] == -100 and batch["labels"][r, s:e].tolist() == labels  # masks kept, nothing added
+            alone = model(input_ids=ids[None], labels=torch.tensor(labels)[None])
+            torch.testing.assert_close(out.logits[r, s:e], alone.logits[0], rtol=0, atol=1e-5)
+            n = sum(t != -100 for t in labels[1:])
+            loss_sum, targets, seen = loss_sum + float(alone.loss) * n, targets + n, seen + 1
+    assert seen == len(convs)
     assert abs(float(out.loss) - loss_sum / targets) < 1e-5
 
 

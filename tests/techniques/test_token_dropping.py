@@ -341,7 +341,9 @@ def test_importance_technique_wiring():
     t.on_dataset(None, get_tokenizer())
     t.on_model(bert())
     imp = t.dropper.importance
-    assert imp.special[[1, 2, 3, 4, 5, 6, 7, 38]].all() and not imp.special[0] and not imp.special[39:].any()
+    special = sorted(set(get_tokenizer().all_special_ids) - {0})  # bos/eos/unk/mask/cls/sep, sentinels, chat markers
+    assert special == list(range(1, special[-1] + 1)) and special[-1] >= 38
+    assert imp.special[special].all() and not imp.special[0] and not imp.special[special[-1] + 1 :].any()
     assert imp.pad_id == 0 and imp.beta == 0.9 and torch.all(imp.scores == 5.0)
     assert t.dropper.layer_ids == [2] and set(t.state_dict()) == {"generator", "importance"}
 

@@ -185,7 +185,7 @@ def test_tokenizer(docs, cache: Path):
         assert tok.convert_tokens_to_ids(token) == getattr(tok, f"{role}_token_id")
     assert tok.pad_token_id == 0
     sentinels = [f"<extra_id_{i}>" for i in range(32)]
-    assert tok.extra_special_tokens == sentinels
+    assert tok.extra_special_tokens == sentinels + tok_mod.CHAT_TOKENS  # ChatML's <|im_start|>, <|im_end|>
     assert set(sentinels) <= set(tok.all_special_tokens)
     assert tok.convert_tokens_to_ids("<extra_id_31>") in tok("x <extra_id_31> y")["input_ids"]  # never split
 
@@ -204,7 +204,7 @@ def test_tokenizer(docs, cache: Path):
 
 def test_tokenizer_loads_from_disk_cache(cache: Path):
     get_tokenizer()
-    folder = cache / "tokenizer-v1"
+    folder = cache / tok_mod.CACHE_KEY
     before = (folder / "tokenizer.json").stat().st_mtime_ns
     tok_mod._load.cache_clear()
     start = time.perf_counter()

@@ -108,25 +108,58 @@ def test_mfu():
 
 def test_peak_flops_measures_then_uses_cache(tmp_path):
     start = time.perf_counter()
-    value, source = peak_flops("cpu", torch.float32)
-    assert time.perf_counter() - start < 2.0
-    assert value > 1e8
-    assert source.startswith("measured:") and "float32" in source
-    assert source.endswith(f":{torch.get_num_threads()} threads")
+    peak = flops.device_peak("cpu", torch.float32)
+    assert time.perf_counter() - start < 3.0
+    assert peak.flops > 1e8 and peak.measured_at  # ISO time of the measurement
+    assert peak.source.startswith("measured:") and "float32" in peak.source
+    assert peak.source.endswith(f":{torch.get_num_threads()} threads")
 
-    path = tmp_path / "cache" / "peak_flops.json"
+    path = tmp_path / "cache" / "peak_flops-v2.json"
     cached = json.loads(path.read_text())
     (key,) = cached
-    assert cached[key] == value and torch.__version__ in key
+    assert cached[key]["flops"] == peak.flops and torch.__version__ in key
+    assert cached[key]["reps"] >= flops._MEASURE_MIN_REPS  # best of several, not one disturbed rep
 
     # A planted value proves the second call reads the cache instead of measuring again.
-    write = dict(cached, **{key: 123.0})
-    path.write_text(json.dumps(write))
-    assert peak_flops(torch.device("cpu"), torch.float32) == (123.0, source)
+    path.write_text(json.dumps({key: {**cached[key], "flops": 123.0}}))
+    assert peak_flops(torch.device("cpu"), torch.float32) == (123.0, peak.source)
 
     value_bf16, source_bf16 = peak_flops("cpu", torch.bfloat16)
     assert value_bf16 > 0 and "bfloat16" in source_bf16
     assert len(json.loads(path.read_text())) == 2
+
+
+def _planted_peak(tmp_path, value: float) -> float:
+    peak = flops.device_peak("cpu", torch.float32)  # measures once, to learn the cache key
+    path = tmp_path / "cache" / "peak_flops-v2.json"
+    (key,) = json.loads(path.read_text())
+    path.write_text(json.dumps({key: {"flops": value, "measured_at": "2026-01-01T00:00:00+00:00"}}))
+    return peak.flops
+
+
+def test_a_run_beating_a_low_cached_peak_measures_again(tmp_path):
+    real = _planted_peak(tmp_path, 1e6)  # as if measured on a very busy machine
+    run_mfu, peak, note = flops.mfu_for_run(1000.0, 1e4, "cpu", torch.float32, world_size=1)  # 1e7 FLOP/s
+    assert note is None and peak.flops > 1e7 and peak.measured_at != "2026-01-01T00:00:00+00:00"
+    assert run_mfu == pytest.approx(1e7 / peak.flops) and run_mfu < 1
+    assert flops.device_peak("cpu", torch.float32).flops == peak.flops >= 0.2 * real  # the cache now holds it
+
+
+def test_mfu_over_100_percent_is_never_reported(tmp_path, monkeypatch):
+    _planted_peak(tmp_path, 1e6)
+    monkeypatch.setattr(flops, "_measure_matmul_flops", lambda device, dtype: (2e6, 256, 5))
+    run_mfu, peak, note = flops.mfu_for_run(1000.0, 1e4, "cpu", torch.float32, world_size=1)
+    assert run_mfu is None and peak.flops == 2e6  # re-measured (the higher value kept), still beaten
+    assert "exceed the peak" in note and "no MFU" in note
+    # Two processes share the work: per device the run does half, which 2e6 FLOP/s covers.
+    run_mfu, _, note = flops.mfu_for_run(100.0, 1e4, "cpu", torch.float32, world_size=2)
+    assert note is None and run_mfu == pytest.approx(0.25)
+
+
+def test_a_refresh_keeps_the_highest_measurement(tmp_path, monkeypatch):
+    _planted_peak(tmp_path, 5e12)
+    monkeypatch.setattr(flops, "_measure_matmul_flops", lambda device, dtype: (1e9, 256, 5))
+    assert flops.device_peak("cpu", torch.float32, refresh=True).flops == 5e12
 
 
 def test_known_cuda_peaks_table():

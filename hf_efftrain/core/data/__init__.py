@@ -1,11 +1,15 @@
-"""Data for a recipe: load a source (``sources.py``), tokenize it for the task (``tokenization.py``), collate
-(``collate.py``)."""
+"""Data for a recipe: load a source (``sources.py``), mix sources and hold out evaluation rows (``mixture.py``),
+tokenize them for the task (``tokenization.py``; data formats: ``formats.py``; conversations and their loss masks:
+``chat.py``), collate (``collate.py``)."""
 
+from .chat import with_chat_template
 from .collate import make_collator
+from .formats import data_format
+from .mixture import Sources, load_sources
 from .sources import FILE_BUILDERS, load_source, require_columns
 from .tokenization import MAX_CLASSES, SFT_TEMPLATE, encode_labels, task_columns, tokenize
 
 __all__ = [
-    "FILE_BUILDERS", "MAX_CLASSES", "SFT_TEMPLATE", "encode_labels", "load_source", "make_collator",
-    "require_columns", "task_columns", "tokenize",
+    "FILE_BUILDERS", "MAX_CLASSES", "SFT_TEMPLATE", "data_format", "encode_labels", "load_source", "load_sources",
+    "make_collator", "require_columns", "Sources", "task_columns", "tokenize", "with_chat_template",
 ]  # fmt: skip

@@ -1,4 +1,6 @@
-"""Load a recipe's data source (``builtin:``, a local file or folder, or a hub id) as a ``datasets.DatasetDict``.
+"""Load a recipe's data source (``builtin:``, a local file or folder, or a hub id) as a ``datasets.DatasetDict``,
+and pick one of its splits. A source given as a mapping (``data.train: [{path, name, data_files, revision, ...}]``)
+passes those to ``datasets.load_dataset`` (https://huggingface.co/docs/datasets/loading).
 
 Hostile input (docs/FAULTS.md, "Input faults"): a file that cannot be read is a ``RecipeError`` naming the field and
 the file; FIFOs and devices are refused without being opened.
@@ -22,20 +24,32 @@ logger = logging.getLogger(__name__)
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def load_source(spec: str, path: str):
-    """Load ``spec`` as a ``datasets.DatasetDict``; ``path`` is the recipe field it came from (for errors)."""
+def load_source(spec: str, path: str, **options):
+    """Load ``spec`` as a ``datasets.DatasetDict``; ``path`` is the recipe field it came from (for errors).
+
+    ``options`` (``name``, ``data_files``, ``revision``; None = not given) go to ``datasets.load_dataset`` for a hub
+    id, a builder name (``json``, ``csv``, ...) or a folder of data files; a builtin or a single file has none.
+    """
     import datasets
 
+    options = {k: v for k, v in options.items() if v is not None}
     if is_builtin(spec):
+        _refuse(options, path, "a builtin: dataset", "a hub id, a builder (json, csv, ...) or a folder does")
         data = load_builtin_dataset(strip_builtin(spec), path=path)
     elif Path(spec).exists():
-        data = _load_local(Path(spec), path)
+        data = _load_local(Path(spec), path, options)
     elif Path(spec).suffix in FILE_BUILDERS or spec.startswith((".", "/", "~")):
         raise RecipeError(path, f"file not found: {spec}")
     else:
         try:
-            data = datasets.load_dataset(spec)
+            with _datasets_quiet():
+                data = datasets.load_dataset(spec, **options)
         except Exception as e:  # offline machines land here: say what would have worked
+            if spec in FILE_BUILDERS.values():  # a packaged builder (json, csv...): the data_files are the problem
+                files = options.get("data_files")
+                raise RecipeError(
+                    path, f"could not load {spec} data_files {files!r}: {_explain(Path(spec), e)}"
+                ) from None
             raise RecipeError(
                 path,
                 f"{spec!r} is not a builtin: name, not a local file or folder, and could not be loaded "
@@ -43,9 +57,29 @@ def load_source(spec: str, path: str):
             ) from None
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict(train=data)
-    if "train" not in data or len(data["train"]) == 0:
+    if not any(len(split) for split in data.values()):
         raise RecipeError(path, f"dataset {spec!r} is empty")
     return data
+
+
+def pick_split(data, split: str, path: str, spec: str):
+    """``data[split]``, or an error naming the splits ``data`` has; ``path`` is the field that chose ``split``."""
+    if split not in data:
+        raise RecipeError(path, f"{split!r} not in {{{','.join(repr(s) for s in data)}}} (the splits of {spec})")
+    if len(data[split]) == 0:
+        raise RecipeError(path, f"split {split!r} of {spec!r} is empty")
+    return data[split]
+
+
+def describe(value) -> str:
+    """``data.train`` / ``data.eval`` for a message: the string itself, or the paths of a list of sources."""
+    return value if isinstance(value, str) or value is None else " + ".join(s.path for s in value)
+
+
+def _refuse(options: dict, path: str, what: str, instead: str) -> None:
+    """An option the source cannot use would be silently ignored: refuse the first one, naming its field."""
+    for key in options:
+        raise RecipeError(f"{path}.{key}", f"{what} takes no {key}; {instead}")
 
 
 @contextlib.contextmanager
@@ -61,19 +95,27 @@ def _datasets_quiet() -> Iterator[None]:
         datasets.utils.logging.set_verbosity(level)
 
 
-def _load_local(p: Path, path: str):
+def _load_local(p: Path, path: str, options: dict):
     import datasets
 
     try:
         if p.is_dir():
             _require_regular_files(p, path)
             if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+                _refuse(options, path, "a save_to_disk folder", "it holds its splits already")
                 return datasets.load_from_disk(str(p))
             if not any(f.is_file() for f in p.rglob("*")):
                 raise RecipeError(path, f"folder {str(p)!r} holds no data files ({', '.join(FILE_BUILDERS)})")
-            with _datasets_quiet():
-                return datasets.load_dataset(str(p))
+            _refuse(
+                {k: v for k, v in options.items() if k == "revision"},
+                path,
+                "a local folder",
+                "only a hub id has revisions",
+            )
+            with _datasets_quiet():  # data_files are relative to the folder; name picks a config of its README
+                return datasets.load_dataset(str(p), **options)
         _require_regular_files(p, path)
+        _refuse(options, path, "a single file", "give its folder as path (data_files are relative to it)")
         if p.stat().st_size == 0:
             raise RecipeError(path, f"dataset {str(p)!r} is empty")
         builder = FILE_BUILDERS.get(p.suffix.lower())

@@ -2,6 +2,11 @@
 labels are -100), ``masked_lm`` (masking happens in the collator), ``seq2seq`` (prompt -> response) and
 ``classification``.
 
+SFT data is ``prompt_completion``, ``messages`` or ``sharegpt`` (``formats.py``). Conversations, and
+prompt_completion rows on a tokenizer with a chat template (as one user and one assistant turn), are rendered with
+that template (``chat.py``). ``SFT_TEMPLATE`` (``### Instruction``) renders prompt_completion rows only for a
+tokenizer without a chat template.
+
 Rows whose text is null or empty (no tokens to learn from) are skipped, and rows longer than ``data.max_length`` are
 truncated; both are counted, logged, and returned in ``stats`` (the run report's ``data`` entry). A text column that
 is not text, or a label column with fewer than two classes, is a ``RecipeError`` naming the field.
@@ -13,24 +18,37 @@ import logging
 from pathlib import Path
 
 from ...errors import RecipeError
-from .sources import _first_bad_line
+from .chat import FEATURES as CHAT_FEATURES
+from .chat import require_template, template_of, tokenize_chat
+from .formats import (
+    CONVERSATIONS,
+    check_conversation_column,
+    data_format,
+    join_prompt,
+    prompt_completion_columns,
+    resolve_loss_on,
+)
+from .sources import _first_bad_line, describe
 
 logger = logging.getLogger(__name__)
 
-# Template for SFT prompts: the loss only covers what follows it.
+# Template for SFT prompts on a tokenizer without a chat template: the loss only covers what follows it.
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 # Class ids name the rows of the classifier head: an id of 10**9 would allocate a billion-row head.
 MAX_CLASSES = 100_000
 
 
 def task_columns(task: str, data_cfg, columns: list[str] | None = None) -> dict[str, str]:
-    """Recipe field path -> column that ``task`` needs. A seq2seq source with only a text column is plain text
-    (input = target), for denoising objectives that build their own targets (token_masking's span mode)."""
-    if task == "seq2seq" and columns is not None and data_cfg.prompt_field not in columns:
-        if data_cfg.text_field in columns:
-            return {"data.text_field": data_cfg.text_field}
-    if task in ("sft", "seq2seq"):
-        return {"data.prompt_field": data_cfg.prompt_field, "data.response_field": data_cfg.response_field}
+    """Recipe field path -> text column that ``task`` needs, by data format (``formats.py``; a conversation's turns
+    column is checked by ``tokenize``). A seq2seq source with only a text column is plain text (input = target), for
+    denoising objectives that build their own targets (token_masking's span mode)."""
+    fmt = data_format(data_cfg, columns or (), task)
+    if fmt in CONVERSATIONS:
+        return {}  # the turns column is no text column: tokenize checks it (formats.check_conversation_column)
+    if fmt == "prompt_completion":
+        prompt, response, extra = prompt_completion_columns(data_cfg, columns or ())
+        found = {"data.prompt_field": prompt, "data.response_field": response}
+        return {**found, "data.input_field": extra} if extra else found
     if task == "classification":
         return {"data.text_field": data_cfg.text_field, "data.label_field": data_cfg.label_field}
     return {"data.text_field": data_cfg.text_field}
@@ -50,18 +68,38 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
         "masked_lm": _masked_lm,
         "classification": _classification,
     }[task]
-    source = getattr(data_cfg, split.split(".", 1)[-1], None) or data_cfg.train
+    source = describe(getattr(data_cfg, split.split(".", 1)[-1], None) or data_cfg.train)  # a str or a list of sources
+    fmt = data_format(data_cfg, dataset.features, task)
+    kwargs, features = {"tok": tokenizer, "cfg": data_cfg}, None
+    if task == "sft" and (fmt in CONVERSATIONS or template_of(tokenizer) is not None):
+        if fmt in CONVERSATIONS:
+            check_conversation_column(dataset, data_cfg, fmt, source)
+        require_template(tokenizer, fmt)
+        fn, features = tokenize_chat, CHAT_FEATURES
+        kwargs.update(fmt=fmt, loss_on=resolve_loss_on(data_cfg, fmt, task))
+    elif task == "sft":
+        kwargs["loss_on"] = resolve_loss_on(data_cfg, fmt, task)
+    else:
+        resolve_loss_on(data_cfg, fmt, task)  # checks the field: text data has a loss on every token
     try:
         out = dataset.map(
             fn,
             batched=True,
+            with_indices=fn is tokenize_chat,  # row numbers for error messages
             remove_columns=dataset.column_names,
-            fn_kwargs={"tok": tokenizer, "cfg": data_cfg},
-            desc=f"tokenize ({task})",
+            fn_kwargs=kwargs,
+            features=features,
+            num_proc=data_cfg.num_proc,
+            desc=f"tokenize ({task}, {fmt})",
         )
     except UnicodeDecodeError as e:  # JSON/CSV readers keep invalid bytes; they surface when the text is read
         where = _first_bad_line(Path(source)) if Path(source).is_file() else None
         raise RecipeError(split, f"{source}: {where or f'text is not UTF-8 ({e.reason} at byte {e.start})'}") from None
+    if "_error" in out.column_names:  # a user error found inside the map (chat.tokenize_chat)
+        error = next((e for e in out["_error"] if e), None)
+        if error:
+            raise RecipeError(*error.split("\t", 1))
+        out = out.remove_columns("_error")
     counts = {
         "rows": len(out),
         "skipped_empty": sum(out["_skip"]),
@@ -84,7 +122,9 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
         stats[split] = counts
     if len(out) == 0:
         raise RecipeError(
-            split, f"no example left in {source}: all {counts['rows']} rows are null or empty after tokenization"
+            split,
+            f"no example left in {source}: all {counts['rows']} rows are null or empty after tokenization"
+            + (" (or have no assistant turn within data.max_length)" if fmt in CONVERSATIONS else ""),
         )
     return out
 
@@ -127,30 +167,39 @@ def _causal_lm(batch, tok, cfg):
     }
 
 
-def _sft(batch, tok, cfg):
-    prompts = _ids(
-        tok, [None if p is None else SFT_TEMPLATE.format(prompt=p) for p in batch[cfg.prompt_field]], cfg.max_length
-    )
-    responses = _ids(tok, batch[cfg.response_field], cfg.max_length)
+def _sft(batch, tok, cfg, loss_on: str = "completion_only"):
+    prompt_col, response_col, extra_col = prompt_completion_columns(cfg, list(batch))
+    extras = batch[extra_col] if extra_col else [None] * len(batch[prompt_col])
+    texts = [
+        None if p is None else SFT_TEMPLATE.format(prompt=join_prompt(p, x)) for p, x in zip(batch[prompt_col], extras)
+    ]
+    prompts = _ids(tok, texts, cfg.max_length)
+    responses = _ids(tok, batch[response_col], cfg.max_length)
     out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "_skip": [], "_truncated": []}
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     for p, r in zip(prompts, responses):
         prompt, response = bos + p, r + eos
         ids = (prompt + response)[: cfg.max_length]
-        labels = ([-100] * len(prompt) + response)[: cfg.max_length]
+        labels = ((list(prompt) if loss_on == "all" else [-100] * len(prompt)) + response)[: cfg.max_length]
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
         out["labels"].append(labels)
-        # No prompt or no response, or a prompt that fills max_length: no token carries a loss.
-        out["_skip"].append(not p or not r or len(prompt) >= cfg.max_length)
+        # No prompt or no response, or a masked prompt that fills max_length: no token carries a loss.
+        out["_skip"].append(not p or not r or (loss_on != "all" and len(prompt) >= cfg.max_length))
         out["_truncated"].append(len(prompt) + len(response) > cfg.max_length)
     return out
 
 
 def _seq2seq(batch, tok, cfg):
-    source, target = (cfg.prompt_field, cfg.response_field) if cfg.prompt_field in batch else (cfg.text_field,) * 2
-    src, tgt = _ids(tok, batch[source], cfg.max_length), _ids(tok, batch[target], cfg.max_length)
+    if data_format(cfg, list(batch), "seq2seq") == "prompt_completion":
+        source, target, extra = prompt_completion_columns(cfg, list(batch))
+        extras = batch[extra] if extra else [None] * len(batch[source])
+        prompts = [None if p is None else join_prompt(p, x) for p, x in zip(batch[source], extras)]
+    else:  # plain text: input = target (denoising objectives build their own targets)
+        target = cfg.text_field
+        prompts = batch[target]
+    src, tgt = _ids(tok, prompts, cfg.max_length), _ids(tok, batch[target], cfg.max_length)
     inputs = [_wrap(i, None, tok.eos_token_id, cfg.max_length) for i in src]
     labels = [_wrap(i, None, tok.eos_token_id, cfg.max_length) for i in tgt]
     extra = _n_special(tok.eos_token_id)

@@ -145,6 +145,16 @@ def test_a_run_beating_a_low_cached_peak_measures_again(tmp_path):
     assert flops.device_peak("cpu", torch.float32).flops == peak.flops >= 0.2 * real  # the cache now holds it
 
 
+def test_a_suspiciously_high_mfu_measures_again_and_keeps_the_higher_peak(tmp_path, monkeypatch):
+    _planted_peak(tmp_path, 1e7)
+    monkeypatch.setattr(flops, "_measure_matmul_flops", lambda device, dtype: (2e7, 256, 5))
+    run_mfu, peak, note = flops.mfu_for_run(600.0, 1e4, "cpu", torch.float32, world_size=1)  # 6e6: 60% of 1e7
+    assert note is None and peak.flops == 2e7 and run_mfu == pytest.approx(0.3)
+    monkeypatch.setattr(flops, "_measure_matmul_flops", lambda device, dtype: pytest.fail("measured again"))
+    run_mfu, peak, _ = flops.mfu_for_run(400.0, 1e4, "cpu", torch.float32, world_size=1)  # 20%: trusted
+    assert peak.flops == 2e7 and run_mfu == pytest.approx(0.2)
+
+
 def test_mfu_over_100_percent_is_never_reported(tmp_path, monkeypatch):
     _planted_peak(tmp_path, 1e6)
     monkeypatch.setattr(flops, "_measure_matmul_flops", lambda device, dtype: (2e6, 256, 5))

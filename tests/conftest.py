@@ -35,6 +35,42 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def log_to_this_tests_stderr():
+    """main() configures logging once per process (basicConfig); let it bind to this test's captured stderr, not
+    to a stream an earlier test closed (which prints a logging traceback that is no part of the product)."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [h for h in saved if type(h) is not logging.StreamHandler]
+    yield
+    root.handlers = saved
+
+
+@pytest.fixture(scope="session")
+def train_keeping_built():
+    """``train_keeping_built(recipe_dict) -> (run report, Built)``: ``run.train`` (what `hf-efftrain train` runs),
+    keeping what it built, so a test can compare the trained model with what was saved."""
+    from hf_efftrain import Recipe
+    from hf_efftrain.core import build as build_mod
+    from hf_efftrain.core import run as run_mod
+
+    def train(recipe: dict):
+        seen = {}
+
+        def capture(r, env=None):
+            seen["built"] = build_mod.build(r, env)
+            return seen["built"]
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(run_mod, "build", capture)
+            report = run_mod.train(Recipe.parse(recipe))
+        return report, seen["built"]
+
+    return train
+
+
+@pytest.fixture
 def tiny_recipe(tmp_path):
     """``tiny_recipe(**sections)``: a recipe dict for a few-step run on built-in data (sections are merged)."""
     return lambda **sections: _tiny_recipe(tmp_path, **sections)

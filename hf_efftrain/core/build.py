@@ -6,17 +6,24 @@ then given each build-time hook in turn. Nothing here knows any technique by nam
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..builtins import BUILTIN_MODELS, builtin_config, get_tokenizer, is_builtin, strip_builtin
+from ..builtins import get_tokenizer, is_builtin
 from ..errors import RecipeError
-from ..runtime.distributed import launch_model_kwargs, launch_training_defaults
+from ..runtime.distributed import launch_training_defaults
 from . import data as data_mod
 from .evaluation import metric_kwargs
+from .model_loading import (
+    check_model_folder,
+    check_vocab,
+    declare_loss_kwargs,
+    load_config,
+    load_model,
+    model_kwargs,
+)
 from .recipe import Recipe
 from .recipe_checks import check_attention_env
 from .registry import get_technique
@@ -24,13 +31,6 @@ from .technique import Env, Technique
 
 logger = logging.getLogger(__name__)
 
-TASK_AUTO_CLASS = {
-    "causal_lm": "AutoModelForCausalLM",
-    "sft": "AutoModelForCausalLM",
-    "masked_lm": "AutoModelForMaskedLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "classification": "AutoModelForSequenceClassification",
-}
 # Our defaults where TrainingArguments' own would surprise: the first step's loss logged (run report), token
 # counts without padding (tokens/s). (`report_to` is not here: transformers v5 already defaults it to "none".)
 TRAINING_DEFAULTS = {
@@ -132,52 +132,6 @@ def _require_local(name: str, path: str) -> None:
         raise RecipeError(path, f"folder not found: {name}")
 
 
-def check_model_folder(name: str) -> None:
-    """A local model folder holds a readable config.json (what save_pretrained writes): say so before a tokenizer
-    or config loader fails in its own words."""
-    config = Path(name) / "config.json"
-    if is_builtin(name) or not Path(name).is_dir():
-        return
-    if not config.is_file():  # also a FIFO or device named config.json, which would block a reader
-        raise RecipeError(
-            "model.name_or_path", f"{name} has no config.json; a model folder is what save_pretrained writes"
-        )
-    try:
-        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RecipeError("model.name_or_path", f"could not read {config}: {_first_line(e)}") from None
-
-
-def load_config(recipe: Recipe, tokenizer):
-    from transformers import AutoConfig
-
-    name = recipe.model.name_or_path
-    if is_builtin(name):
-        config = builtin_config(strip_builtin(name), tokenizer)
-    elif Path(name).is_dir():
-        check_model_folder(name)
-        try:
-            config = AutoConfig.from_pretrained(name)
-        except Exception as e:  # malformed config.json: one line naming the file
-            raise RecipeError("model.name_or_path", f"could not read {name}/config.json: {_first_line(e)}") from None
-    else:
-        try:
-            config = AutoConfig.from_pretrained(name, revision=recipe.model.revision)
-        except Exception as e:
-            allowed = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
-            raise RecipeError(
-                "model.name_or_path",
-                f"{name!r} is neither a local model folder nor reachable on the "
-                f"hub ({type(e).__name__}); builtin models: {allowed}",
-            ) from None
-    for key, value in recipe.model.config_overrides.items():
-        if not hasattr(config, key):
-            raise RecipeError(f"model.config_overrides.{key}", f"not a field of {type(config).__name__}")
-        setattr(config, key, value)
-    return config
-
-
 def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
     """``model.task`` if given, else from the data's columns and the model's ``architectures``."""
     if recipe.model.task != "auto":
@@ -193,39 +147,6 @@ def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
     if config.is_encoder_decoder:
         return "seq2seq"
     return "causal_lm"
-
-
-def load_model(recipe: Recipe, config, task: str, kwargs: dict[str, Any]):
-    import transformers
-
-    auto = getattr(transformers, TASK_AUTO_CLASS[task])
-    name = recipe.model.name_or_path
-    if is_builtin(name):
-        return auto.from_config(config, **kwargs)
-    if Path(name).is_dir():
-        check_weight_files(Path(name))
-    try:
-        return auto.from_pretrained(name, config=config, revision=recipe.model.revision, **kwargs)
-    except OSError as e:  # no weights file in the folder, or one that cannot be read
-        raise RecipeError("model.name_or_path", f"could not load the weights of {name}: {_first_line(e)}") from None
-
-
-def check_weight_files(folder: Path) -> None:
-    """Read the header of each safetensors file, so a truncated or corrupt one is named before loading starts."""
-    from safetensors import safe_open
-
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except Exception as e:  # SafetensorError, OSError: the file is not what its name says
-            raise RecipeError(
-                "model.name_or_path", f"{f} is not a readable safetensors file ({_first_line(e)})"
-            ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def make_training_args(recipe: Recipe, techniques: list[Technique]):
@@ -259,21 +180,8 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
 
     task, train_dataset, eval_dataset, stats = load_data(recipe, config, tokenizer, args, techniques)
 
-    kwargs: dict[str, Any] = launch_model_kwargs(recipe.model.name_or_path)  # tensor parallel launches
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    if recipe.model.dtype:
-        kwargs["dtype"] = recipe.model.dtype
-    for t in techniques:
-        kwargs = t.model_kwargs(kwargs)
-    model = load_model(recipe, config, task, kwargs)
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise RecipeError(
-            "model.tokenizer",
-            f"tokenizer has {len(tokenizer)} tokens but the model's embedding "
-            f"has {vocab}: use the tokenizer the model was trained with",
-        )
+    model = load_model(recipe, config, task, model_kwargs(recipe, techniques))
+    check_vocab(model, tokenizer)
     for t in techniques:
         model = t.on_model(model)
     declare_loss_kwargs(model)
@@ -335,28 +243,6 @@ def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Techniqu
             "validation split",
         )
     return task, train_dataset, eval_dataset, stats
-
-
-def declare_loss_kwargs(model) -> None:
-    """Tell the Trainer whether the model's loss honours ``num_items_in_batch``.
-
-    The Trainer assumes any ``forward(**kwargs)`` normalises its loss by ``num_items_in_batch`` and then skips the
-    division by the gradient-accumulation steps (and multiplies by the process count under DDP). Models that compute
-    ``CrossEntropyLoss()`` themselves (BERT, T5, BART heads in transformers 5) ignore that argument, so their
-    gradients would come out ``accumulation steps x processes`` times too large. Those that call
-    ``self.loss_function`` do honour it.
-    """
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
-    if hasattr(type(inner), "accepts_loss_kwargs"):
-        return  # the model class says so itself
-    try:
-        source = inspect.getsource(type(inner).forward)
-    except (OSError, TypeError):
-        return
-    if "loss_function" not in source and "num_items_in_batch" not in source:
-        inner.accepts_loss_kwargs = False
 
 
 def check_data_fits(recipe: Recipe, config, args, train_dataset, eval_dataset) -> None:

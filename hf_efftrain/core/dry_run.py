@@ -35,21 +35,20 @@ from typing import Any
 from ..builtins import is_builtin
 from ..errors import RecipeError
 from ..runtime.checkpoint import CheckpointError
-from ..runtime.distributed import check_engine, launch_model_kwargs, prepare_launch_env
+from ..runtime.distributed import check_engine, prepare_launch_env
 from . import data as data_mod
-from .build import (
+from .build import load_data, load_tokenizer, make_techniques, make_training_args
+from .evaluation import metric_kwargs
+from .example import render_example
+from .model_loading import (
     TASK_AUTO_CLASS,
     _first_line,
+    check_vocab,
     check_weight_files,
     declare_loss_kwargs,
     load_config,
-    load_data,
-    load_tokenizer,
-    make_techniques,
-    make_training_args,
+    model_kwargs,
 )
-from .evaluation import metric_kwargs
-from .example import render_example
 from .recipe import Recipe
 from .technique import Env, Technique
 from .trainer import EffTrainer
@@ -96,21 +95,8 @@ def dry_build(recipe: Recipe, env: Env | None = None) -> DryBuild:
     config = load_config(recipe, tokenizer)
     task, train_dataset, eval_dataset, stats = load_data(recipe, config, tokenizer, args)
 
-    kwargs: dict[str, Any] = launch_model_kwargs(recipe.model.name_or_path)  # as build(): then the hooks' changes
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    if recipe.model.dtype:
-        kwargs["dtype"] = recipe.model.dtype
-    for t in techniques:
-        kwargs = t.model_kwargs(kwargs)
-    model = meta_model(recipe, config, task, kwargs)
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise RecipeError(
-            "model.tokenizer",
-            f"tokenizer has {len(tokenizer)} tokens but the model's embedding "
-            f"has {vocab}: use the tokenizer the model was trained with",
-        )
+    model = meta_model(recipe, config, task, model_kwargs(recipe, techniques))
+    check_vocab(model, tokenizer)
     unchecked: list[str] = []
     for t in techniques:
         try:

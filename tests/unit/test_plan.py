@@ -321,7 +321,8 @@ _MEASURE = textwrap.dedent(
     import gc, json, sys
     import torch
     from transformers import Trainer
-    from hf_efftrain.core.build import load_config, load_model, load_tokenizer, make_techniques, make_training_args
+    from hf_efftrain.core.build import load_tokenizer, make_techniques, make_training_args
+    from hf_efftrain.core.model_loading import load_config, load_model
     from hf_efftrain.core.recipe import load_recipe
 
     def status(key):
@@ -403,7 +404,8 @@ def test_predicted_peak_matches_measured_cuda_training(tmp_path, tiny_recipe):
 
     from transformers import Trainer
 
-    from hf_efftrain.core.build import load_config, load_model, load_tokenizer, make_techniques, make_training_args
+    from hf_efftrain.core.build import load_tokenizer, make_techniques, make_training_args
+    from hf_efftrain.core.model_loading import load_config, load_model
     from hf_efftrain.core.recipe import load_recipe
 
     shape = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 8,

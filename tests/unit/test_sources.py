@@ -5,7 +5,6 @@ options passed to ``datasets.load_dataset``; every bad input one error naming it
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import datasets
@@ -276,17 +275,7 @@ def test_a_mixture_recipe_builds_the_same_data_twice_and_trains(tiny_recipe, tmp
     assert any("eval_loss" in entry for entry in first.trainer.state.log_history)
 
 
-@pytest.fixture
-def _log_to_this_tests_stderr():
-    """main() sets up logging once per process; bind it to this test's captured stderr (as test_hostile_input)."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers = [h for h in saved if type(h) is not logging.StreamHandler]
-    yield
-    root.handlers = saved
-
-
-@pytest.mark.usefixtures("_log_to_this_tests_stderr")
+@pytest.mark.usefixtures("log_to_this_tests_stderr")
 @pytest.mark.parametrize(
     ("data", "expected"),
     [

@@ -230,8 +230,8 @@ class DataPruningTechnique(Technique):
         """A fresh copy of the run's model (same config and init), trained ``proxy_steps`` steps."""
         import transformers
 
-        from ...core.build import load_config, load_model
         from ...core.data import make_collator
+        from ...core.model_loading import load_config, load_model
 
         if self.recipe is None:
             raise self._error("score", "el2n needs validate(recipe, env) first (the model to train a proxy of)")

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output folder (default: the matrix's `out`, else runs/bench_<matrix name>)")
     sp.add_argument("--repeats", type=int, help="runs of every row (default: the matrix's `repeats`)")
     sp.add_argument("--quick", action="store_true", help="smoke run: the matrix's `quick` overrides, 1 repeat")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override for every row and prepare run, applied last (repeatable)")  # fmt: skip
     sp = sub.add_parser("report", help="finished runs side by side: markdown table and plots")
     sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders holding run_report.json")
     sp.add_argument("--out", default="runs/report", help="where results.md/json and the plots go")
@@ -126,7 +128,7 @@ def _bench(args) -> int:
         from .errors import RecipeError
 
         raise RecipeError("--repeats", f"must be >= 1 (got {args.repeats})")
-    results = bench(args.matrix, args.out, args.repeats, args.quick)
+    results = bench(args.matrix, args.out, args.repeats, args.quick, args.overrides)
     print(results["table"])
     failed = sorted(results["errors"])
     print(f"results: {results['out']}/results.md" + (f" (failed: {', '.join(failed)})" if failed else ""))

@@ -32,12 +32,12 @@ _MIB = 1024 * 1024
 DEFAULT_WINDOW = 10
 # Per-run figures aggregated over repeats (median, min..max); the order is the order of results.json.
 FIGURES = (
-    "tokens_per_second", "step_time_s", "wall_time_s", "peak_rss_bytes", "rss_added_bytes", "planned_peak_bytes",
-    "cuda_peak_bytes", "optimizer_state_bytes", "mfu", "final_loss", "loss_at_equal_steps", "loss_at_equal_time",
-    "time_to_target_s", "tokens_to_target", "steps_to_target", "eval_loss",
+    "tokens_per_second", "step_time_s", "first_step_s", "warmup_s", "wall_time_s", "peak_rss_bytes", "rss_added_bytes",
+    "planned_peak_bytes", "cuda_peak_bytes", "optimizer_state_bytes", "mfu", "final_loss", "loss_at_equal_steps",
+    "loss_at_equal_time", "time_to_target_s", "tokens_to_target", "steps_to_target", "eval_loss",
 )  # fmt: skip
 # Figures where smaller is better: their ratio to the baseline is baseline / row, so > 1 always means "better".
-_SMALLER_IS_BETTER = {"step_time_s", "time_to_target_s", "tokens_to_target"}
+_SMALLER_IS_BETTER = {"step_time_s", "first_step_s", "warmup_s", "time_to_target_s", "tokens_to_target"}
 
 
 # ----------------------------------------------------------------------------------------------- curve analysis
@@ -79,6 +79,19 @@ def step_time(curve: Sequence[Mapping[str, Any]]) -> float | None:
     rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:], strict=False) if s1 > s0]
     rates = rates[1:] if len(rates) > 2 else rates
     return statistics.median(rates) if rates else None
+
+
+def warmup_times(curve: Sequence[Mapping[str, Any]], per_step: float | None) -> tuple[float | None, float | None]:
+    """What the steady ``per_step`` (``step_time``) leaves out: the first step (the time to the first log minus
+    its other steps at ``per_step``; with a log per step, the first step itself, ``torch.compile``'s first
+    compilation included) and the warm-up, the whole run's time beyond steps x ``per_step`` (compilations,
+    recompilations, data loader start-up)."""
+    points = [p for p in curve if p.get("time_s") is not None]
+    if not points or per_step is None:
+        return None, None
+    first, last = points[0], points[-1]
+    first_step = first["time_s"] - (first["step"] - 1) * per_step
+    return max(0.0, first_step), max(0.0, last["time_s"] - last["step"] * per_step)  # steps faster than the median
 
 
 # ------------------------------------------------------------------------------------------------ per-run figures
@@ -129,9 +142,13 @@ def run_figures(
     memory = report.get("peak_memory_bytes") or {}
     rss = memory.get("cpu_rss")
     reached = first_reach(curve, target) if target is not None else None
+    per_step = step_time(curve)
+    first_step, warmup = warmup_times(curve, per_step)
     return {
         "tokens_per_second": report.get("tokens_per_second"),
-        "step_time_s": step_time(curve),
+        "step_time_s": per_step,
+        "first_step_s": first_step,
+        "warmup_s": warmup,
         "wall_time_s": report.get("wall_time_s"),
         "peak_rss_bytes": rss,
         "rss_added_bytes": rss - rss_base if rss is not None and rss_base is not None else None,
@@ -238,12 +255,14 @@ def _x(ratio: float | None) -> str:
 _COLUMNS = [
     ("tokens/s", "tokens_per_second", ",.0f", 1.0, True, True),
     ("step time (ms)", "step_time_s", ".1f", 1e-3, True, True),
+    ("first step (s)", "first_step_s", ".2f", 1.0, True, False),
+    ("warm-up (s)", "warmup_s", ".2f", 1.0, True, False),
     ("peak RSS (MiB)", "peak_rss_bytes", ",.0f", _MIB, False, True),
     ("RSS added (MiB)", "rss_added_bytes", ",.0f", _MIB, False, True),
     ("planned (MiB)", "planned_peak_bytes", ",.0f", _MIB, False, False),
     ("CUDA peak (MiB)", "cuda_peak_bytes", ",.0f", _MIB, False, True),
     ("optimizer state (MiB)", "optimizer_state_bytes", ",.2f", _MIB, False, True),
-    ("MFU (%)", "mfu", ".3f", 0.01, False, False),
+    ("MFU counted (%)", "mfu", ".3f", 0.01, False, False),
     ("loss @ equal steps", "loss_at_equal_steps", ".4f", 1.0, False, False),
     ("loss @ equal time", "loss_at_equal_time", ".4f", 1.0, True, False),
     ("eval loss", "eval_loss", ".4f", 1.0, True, False),
@@ -299,7 +318,10 @@ def notes(comparison: Mapping[str, Any], errors: Mapping[str, str] | None = None
         f"- Equal steps: step {c['equal_step']}; equal wall time: {equal_time} (the shortest run), training time "
         "from the start of `train()`, evaluations excluded.",
         "- tokens/s: the Trainer's `num_input_tokens_seen` (padding excluded) over `train_runtime`; step time: "
-        "median seconds per step between logs, first interval left out.",
+        "median seconds per step between logs, first interval left out (the steady state). first step: the time to "
+        "the first log beyond its other steps at that step time (with a log per step, step 1 itself: set-up and "
+        "`torch.compile`'s first compilation); warm-up: the run's training time beyond steps x step time "
+        "(compilations and recompilations, data loader start-up).",
     ]
     if c.get("rss_base_bytes") is not None:
         out.append(

@@ -24,6 +24,7 @@ interleave: true                     # r1: A B C, r2: A B C (false: A A A, B B B
 target_loss: null                    # default: the baseline's final smoothed loss
 smoothing_window: 10                 # trailing mean over this many logged losses
 quick: [training.max_steps=4]        # what --quick applies (and repeats 1), prepare runs included
+baseline: {techniques: [{name: bf16}]}  # the stock Trainer in bf16 autocast (only TrainingArguments techniques)
 prepare:                             # trained once before the rows; recipe: a path or inline (default: the base)
   - {name: base, recipe: recipes/pretrain.yaml, set: [training.max_steps=150]}
 report_fields: [params_trainable, techniques.quantized_base.report.weight_bytes]
@@ -43,7 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ class _Strict(BaseModel):
 class BaselineSpec(_Strict):
     name: str = Field("baseline", pattern=_NAME, description="row name of the stock-Trainer baseline")
     set: list[str] = Field(default_factory=list, description="--set overrides for the baseline only")
+    techniques: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="techniques the stock Trainer can run itself (only TrainingArguments: bf16, fp16), e.g. a bf16 "
+        "baseline; any other is refused when the baseline is built",
+    )
 
 
 class VariantSpec(_Strict):
@@ -187,19 +193,20 @@ def fill_prepared(obj: Any, dirs: Mapping[str, str], used: set[str]) -> Any:
 
 
 def _compose(data: dict[str, Any], head: list[str], techniques: list[dict[str, Any]] | None, tail: list[str],
-             dirs: Mapping[str, str], used: set[str]) -> dict[str, Any]:  # fmt: skip
-    """``data`` + ``head`` overrides + ``techniques`` (None: the baseline, none at all) + ``tail`` overrides,
-    ``{prepare.NAME}`` filled in, validated; returned as written (a dump would set every default explicitly)."""
+             dirs: Mapping[str, str], used: set[str], baseline: bool = False) -> dict[str, Any]:  # fmt: skip
+    """``data`` + ``head`` overrides + ``techniques`` + ``tail`` overrides, ``{prepare.NAME}`` filled in, validated;
+    returned as written (a dump would set every default explicitly). The ``baseline`` runs only its own
+    ``techniques`` (those the stock Trainer can run), none of the base recipe's."""
     from ..core.recipe import Recipe, apply_override
 
     data = fill_prepared(copy.deepcopy(data), dirs, used)
     data.setdefault("training", {}).setdefault("output_dir", "runs/bench")
     for item in head:
         apply_override(data, fill_prepared(item, dirs, used))
-    if techniques is None:  # the baseline: the stock Trainer, no technique
+    if baseline:  # the stock Trainer: none of the base recipe's techniques
         if data.get("techniques"):
             logger.info("bench: the baseline drops the base recipe's techniques (it runs the stock Trainer)")
-        data["techniques"] = []
+        data["techniques"] = fill_prepared(list(techniques or []), dirs, used)
     else:
         listed = {t.get("name"): t for t in data.get("techniques") or [] if isinstance(t, dict)}
         listed.update({t.get("name"): t for t in fill_prepared(techniques, dirs, used)})  # a row's entry wins
@@ -216,11 +223,11 @@ def placeholder_dirs(matrix: Matrix) -> dict[str, str]:
 
 
 def compose_prepare(matrix: Matrix, matrix_path: str | Path, quick: bool = False,
-                    dirs: Mapping[str, str] | None = None) -> list[Row]:  # fmt: skip
+                    dirs: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> list[Row]:  # fmt: skip
     """The prepare runs as validated recipes; each may refer to the ones before it. A broken one is a
-    ``RecipeError``: the rows that need it could not be compared."""
+    ``RecipeError``: the rows that need it could not be compared. ``overrides`` (``bench --set``) come last."""
     matrix_dir, dirs = Path(matrix_path).parent, dict(dirs or placeholder_dirs(matrix))
-    tail = list(matrix.quick) if quick else []
+    tail = [*(matrix.quick if quick else []), *overrides]
     rows = []
     for i, p in enumerate(matrix.prepare):
         used: set[str] = set()
@@ -235,12 +242,12 @@ def compose_prepare(matrix: Matrix, matrix_path: str | Path, quick: bool = False
 
 
 def compose_rows(matrix: Matrix, matrix_path: str | Path, quick: bool = False,
-                 dirs: Mapping[str, str] | None = None) -> list[Row]:  # fmt: skip
+                 dirs: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> list[Row]:  # fmt: skip
     """The baseline and every variant as validated recipe dicts (output_dir still to be set per run), with
     ``{prepare.NAME}`` filled in from ``dirs`` (default: placeholders, to validate before anything ran).
 
     A broken base recipe is a ``RecipeError`` (nothing could be compared); a broken variant becomes a ``Row`` with
-    its ``error`` set, so the other rows still run.
+    its ``error`` set, so the other rows still run. ``overrides`` (``bench --set``) apply to every row, last.
     """
     matrix_dir = Path(matrix_path).parent
     dirs = dict(dirs or placeholder_dirs(matrix))
@@ -249,7 +256,8 @@ def compose_rows(matrix: Matrix, matrix_path: str | Path, quick: bool = False,
     tail = list(matrix.quick) if quick else []
     used: set[str] = set()
     try:
-        recipe = _compose(base, head, None, [*matrix.baseline.set, *tail], dirs, used)
+        tail_b = [*matrix.baseline.set, *tail, *overrides]
+        recipe = _compose(base, head, matrix.baseline.techniques, tail_b, dirs, used, baseline=True)
     except RecipeError as e:
         raise RecipeError("recipe" + (f" ({e.path})" if e.path else ""), e.message) from None
     rows = [Row(matrix.baseline.name, recipe, plain=True, needs=tuple(sorted(used)))]
@@ -258,7 +266,7 @@ def compose_rows(matrix: Matrix, matrix_path: str | Path, quick: bool = False,
         row, used = Row(v.name, None), set()
         try:
             data = _read_recipe(v.recipe, matrix_dir, f"{field}.recipe") if v.recipe else base
-            row_tail = [*v.set, *tail, *(v.quick if quick else [])]
+            row_tail = [*v.set, *tail, *(v.quick if quick else []), *overrides]
             row.recipe = _compose(data, head, v.techniques, row_tail, dirs, used)
             row.needs = tuple(sorted(used))
             if v.accelerate_config:

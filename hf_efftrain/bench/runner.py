@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,14 +155,19 @@ def _prepare(rows: list[Row], tmp: Path, keep: Path, timeout_s: float) -> tuple[
 
 
 def bench(
-    matrix_path: str | Path, out: str | Path | None = None, repeats: int | None = None, quick: bool = False
+    matrix_path: str | Path,
+    out: str | Path | None = None,
+    repeats: int | None = None,
+    quick: bool = False,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run a matrix; write results.json, results.md and plots into the out folder; return the results."""
+    """Run a matrix; write results.json, results.md and plots into the out folder; return the results.
+    ``overrides`` (``bench --set``) apply to every row and prepare run, after their own."""
     from .compare import render
 
     matrix = load_matrix(matrix_path)
-    compose_prepare(matrix, matrix_path, quick)  # a broken matrix stops here, before anything ran
-    compose_rows(matrix, matrix_path, quick)
+    compose_prepare(matrix, matrix_path, quick, overrides=overrides)  # a broken matrix stops here, before any run
+    compose_rows(matrix, matrix_path, quick, overrides=overrides)
     if out is None:  # a --quick smoke run must not overwrite the matrix's real results
         out = Path(matrix.out or Path("runs") / f"bench_{Path(matrix_path).stem}") / ("quick" if quick else "")
     out = Path(out)
@@ -174,9 +180,9 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="hf_efftrain_bench_") as tmp:
         work = Path(tmp) / "_prepare"  # no row can be named so (names start with a letter or digit)
         dirs = {p.name: str(work / p.name) for p in matrix.prepare}
-        prepare = compose_prepare(matrix, matrix_path, quick, dirs)
+        prepare = compose_prepare(matrix, matrix_path, quick, dirs, overrides)
         prepared, prepare_notes = _prepare(prepare, work, out / "prepare", matrix.timeout_s)
-        rows = compose_rows(matrix, matrix_path, quick, dirs)
+        rows = compose_rows(matrix, matrix_path, quick, dirs, overrides)
         for row in rows:
             failed = [n for n in row.needs if prepared[n]["error"]]
             if failed and row.error is None:
@@ -216,6 +222,7 @@ def bench(
         "out": str(out),
         "description": matrix.description,
         "quick": quick,
+        "overrides": list(overrides),
         "repeats": repeats,
         "interleave": matrix.interleave,
         "interrupted": interrupted,
@@ -231,6 +238,7 @@ def bench(
         "run_log": log,
     }
     title = f"hf-efftrain bench {matrix_path}" + (" --quick" if quick else "")
+    title += "".join(f" --set {o}" for o in overrides)
     return render(reports, out, baseline=rows[0].name, window=matrix.smoothing_window, target=matrix.target_loss,
                   rss_base=rss_base, errors=errors, title=title, extra=extra, fields=matrix.report_fields,
                   extra_notes=prepare_notes)  # fmt: skip

@@ -26,6 +26,7 @@ from .recipe_checks import (
     MAX_RECIPE_BYTES,
     REFUSED_TRAINING,
     StrictLoader,
+    check_compile,
     check_numbers,
     check_size,
     first_per_path,
@@ -102,6 +103,8 @@ class Recipe(_Section):
         data["training"] = _validate_training({} if data.get("training") is None else data["training"], errors)
         data["techniques"] = _validate_techniques([] if data.get("techniques") is None else data["techniques"], errors)
         fold_model_aliases(data, errors)
+        if not errors:  # technique indices are the recipe's only when every entry validated
+            check_compile(data["training"], data["techniques"], errors)
         try:
             recipe = cls.model_validate(data)
         except ValidationError as e:

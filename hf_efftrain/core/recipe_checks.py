@@ -3,8 +3,9 @@ number checks, and field paths that stay on one line whatever the keys are.
 
 Everything here turns malformed input into a ``RecipeError`` naming the file or field, so that neither PyYAML's
 nor Python's own exceptions (RecursionError, ValueError for a date like 2024-13-45) reach the user. Also here: the
-``training`` fields that have one home elsewhere (``REFUSED_TRAINING``) and ``model.attn_implementation``, checked
-against what the installed transformers accepts.
+``training`` fields that have one home elsewhere (``REFUSED_TRAINING``), ``model.attn_implementation``, checked
+against what the installed transformers accepts, and ``training.torch_compile`` with the technique settings it cannot
+train (``check_compile``).
 """
 
 from __future__ import annotations
@@ -223,3 +224,48 @@ def check_attention_env(name: str | None, env: Env, path: str = "model.attn_impl
             raise MissingDependencyError(path, FLASH_PACKAGES[base], "flash")
     if base == "flex_attention" and not env.cuda:
         raise RecipeError(path, "flex_attention has no backward pass on CPU; use sdpa or a GPU")
+
+
+# ---- training.torch_compile -----------------------------------------------------------------------------------
+# Every technique trains under torch.compile (tests/e2e/test_compile.py trains the ones that patch forwards, on the
+# CPU with inductor, against the eager run). A technique that makes the run recompile without bound is refused here:
+# dynamo compiles each function at most torch._dynamo.config.recompile_limit (8) times, then runs it uncompiled for
+# the rest of the run, only warning in the log.
+
+
+def compiles(training: dict[str, Any]) -> bool:
+    """Whether the Trainer compiles the model: ``torch_compile``, or a backend or mode (either turns it on)."""
+    return bool(training.get("torch_compile")) or any(
+        training.get(k) is not None for k in ("torch_compile_backend", "torch_compile_mode")
+    )
+
+
+def _gradual_freezing(cfg: Any) -> bool:
+    """layer_freezing freezes block after block, not all at one step (its schedule: start .. end)."""
+    if cfg.start_step is not None and cfg.end_step is not None:
+        return cfg.end_step > cfg.start_step
+    if cfg.start_step is None and cfg.end_step is None and None not in (cfg.start_fraction, cfg.end_fraction):
+        return cfg.end_fraction > cfg.start_fraction
+    return True  # the default 0.25 .. 0.75 of max_steps, or a step and a fraction
+
+
+def compile_problem(cfg: Any) -> str | None:
+    """Why ``training.torch_compile`` cannot train with this technique entry, or None."""
+    if cfg.name == "layer_freezing" and _gradual_freezing(cfg):
+        return (
+            "gradual freezing flips requires_grad block by block, and each freeze state is a new compiled graph of "
+            "the whole model (requires_grad is part of dynamo's guards): past torch._dynamo's recompile limit (8) the "
+            "model would silently run uncompiled; freeze at one step (start_step == end_step) or drop "
+            "training.torch_compile"
+        )
+    return None
+
+
+def check_compile(training: dict[str, Any], techniques: list[Any], errors: list[str]) -> None:
+    """With ``training.torch_compile`` (or a compile backend/mode), refuse the techniques ``compile_problem`` names."""
+    if not compiles(training):
+        return
+    for i, cfg in enumerate(techniques):
+        problem = compile_problem(cfg)
+        if problem:
+            errors.append(f"techniques[{i}].name: {cfg.name} cannot run with training.torch_compile: {problem}")

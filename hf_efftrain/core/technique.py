@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import TrainerCallback, TrainingArguments
 
+    from ..runtime.flop_count import ComputeFraction
+
 # Documented order bands: lower runs first in every hook.
 ORDER_INIT = 100
 ORDER_ADAPTER = 300
@@ -144,6 +146,14 @@ class Technique:
     def report(self) -> dict[str, Any]:
         """Extra facts for run_report.json (e.g. what a helper chose); the resolved config is always there."""
         return {}
+
+    def compute_fraction(self, model: torch.nn.Module, steps: int, seq_len: int) -> ComputeFraction | None:
+        """How much of the counted training compute the run did, for the FLOPs per token and MFU in run_report.json
+        (``runtime/flop_count.py``): per block and for the rest of the model, the average share of each part
+        (matmul forward / input grad / weight grad, attention forward / backward) over ``steps`` optimizer steps
+        of ``seq_len``-token examples, with a note of what was assumed. None (the default): the model as trained
+        (frozen weights included) says it all. Called once, after training, with the trained model."""
+        return None
 
 
 def has_package(name: str) -> bool:

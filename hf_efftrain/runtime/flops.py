@@ -1,5 +1,5 @@
-"""Model FLOPs per token, peak FLOP/s of a device, and MFU (PaLM appendix B, Chowdhery et al. 2022,
-arXiv 2204.02311): the compute side of every run report (``metrics.py``)."""
+"""Peak FLOP/s of a device and MFU (PaLM appendix B, Chowdhery et al. 2022, arXiv 2204.02311): the compute side of
+every run report (``metrics.py``). The FLOPs per token are counted in ``flop_count.py`` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
 
 import torch
 
 from ..cache import cache_dir, read_json, write_json_atomic
+from .flop_count import count_flops, dense_flops_per_token, model_flops_per_token  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -45,67 +45,7 @@ _SUSPICIOUS_MFU = 0.5
 _CACHE_FILE = "peak_flops-v2.json"  # v1 kept bare floats from a single short measurement; never trusted again
 
 
-# ---------------------------------------------------------------------------------------------------------- FLOPs
-
-
-def _config_get(config: Any, *names: str) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _attention_shape(config: Any) -> tuple[int, int]:
-    """(attention layers, d_attn = heads x head_dim) from a HF config; (0, 0) when the config does not say."""
-    if hasattr(config, "get_text_config"):  # multimodal configs nest the language model's config
-        config = config.get_text_config()
-    heads = _config_get(config, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-    hidden = _config_get(config, "hidden_size", "n_embd", "d_model")
-    head_dim = _config_get(config, "head_dim", "d_kv")
-    if heads is None or (head_dim is None and hidden is None):
-        return 0, 0
-    d_attn = int(heads) * int(head_dim if head_dim is not None else int(hidden) // int(heads))
-
-    if getattr(config, "is_encoder_decoder", False):
-        encoder = _config_get(config, "encoder_layers", "num_layers", "num_hidden_layers")
-        decoder = _config_get(config, "decoder_layers", "num_decoder_layers") or encoder
-        # Each decoder layer has self-attention and cross-attention over the encoder output.
-        return int(encoder or 0) + 2 * int(decoder or 0), d_attn
-    layers = _config_get(config, "num_hidden_layers", "n_layer", "num_layers")
-    return int(layers or 0), d_attn
-
-
-def _matmul_weight_params(model: torch.nn.Module) -> int:
-    from transformers.pytorch_utils import Conv1D
-
-    total = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            # in x out, not weight.numel(): 4-bit weights are packed and ZeRO-3 shards are empty locally.
-            total += int(module.in_features) * int(module.out_features)
-        elif isinstance(module, Conv1D):
-            total += int(module.nx) * int(module.nf)
-    return total
-
-
-def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward = 3 x forward), from the model's shapes.
-
-    PaLM appendix B (arXiv 2204.02311): ``6 * N + 12 * L * d_attn * seq_len`` where ``N`` counts the weights of
-    every matmul (``nn.Linear`` and transformers' ``Conv1D``, the LM head included, embedding lookups excluded)
-    and the second term is the attention score and value matmuls of ``L`` attention layers with
-    ``d_attn = heads * head_dim``. The attention term is the non-causal count, as PaLM uses (a causal kernel
-    does about half of it). Encoder-decoder models count cross-attention as one more attention layer per
-    decoder layer and use ``seq_len`` for both sides; this is the usual approximation, not an exact count.
-    """
-    model = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
-    matmul = _matmul_weight_params(model)
-    config = getattr(model, "config", None)
-    layers, d_attn = _attention_shape(config) if config is not None else (0, 0)
-    if layers == 0:
-        logger.warning("Could not find attention layers in the model config; counting matmul weights only.")
-    return 6 * matmul + 12 * layers * d_attn * int(seq_len)
+# ------------------------------------------------------------------------------------------------------------ MFU
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float, world_size: int = 1) -> float:

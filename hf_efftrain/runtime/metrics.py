@@ -2,9 +2,12 @@
 
 Every run leaves evidence (docs/ARCHITECTURE.md): the survey (Zhuang et al. 2023, arXiv 2302.01107) compares
 techniques by compute, memory and wall-clock, so each run records throughput, model FLOPs utilisation (MFU, PaLM
-appendix B, Chowdhery et al. 2022, arXiv 2204.02311), peak memory and the bytes its optimizer keeps. The loss plot
-and the summary table printed by the CLI live in ``report.py``, the FLOPs side in ``flops.py``; both are re-exported
-here.
+appendix B, Chowdhery et al. 2022, arXiv 2204.02311), peak memory and the bytes its optimizer keeps. The FLOPs
+per token, and so ``mfu``, count the compute the run actually did (``flop_count.py``: no weight gradients for
+frozen weights, no backward below the lowest trainable one, each technique's ``compute_fraction``), with
+``flops_counted`` saying what was counted; ``model_flops_per_token_dense`` and ``mfu_dense`` keep PaLM's
+``6N + 12 L d_attn s``, the figure other tools report. The loss plot and the summary table printed by the CLI live in
+``report.py``, the peak FLOP/s in ``flops.py``; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..cache import write_json_atomic
-from .flops import device_peak, mfu, mfu_for_run, model_flops_per_token, peak_flops
+from .flop_count import ComputeFraction, count_flops, dense_flops_per_token, model_flops_per_token
+from .flops import device_peak, mfu, mfu_for_run, peak_flops
 from .report import plot_loss, summary_table
 
 if TYPE_CHECKING:
@@ -30,9 +34,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = [  # FLOPs from flops.py, plot_loss and summary_table from report.py: re-exported, one import for callers
-    "build_run_report", "eval_metrics", "loss_curve", "mfu", "model_flops_per_token", "optimizer_state_bytes",
-    "peak_flops", "peak_memory", "plot_loss", "summary_table", "versions", "write_run_report",
+__all__ = [  # FLOPs from flop_count.py / flops.py, plot_loss and summary_table from report.py: one import for callers
+    "build_run_report", "count_flops", "dense_flops_per_token", "eval_metrics", "loss_curve", "mfu",
+    "model_flops_per_token", "optimizer_state_bytes", "peak_flops", "peak_memory", "plot_loss", "summary_table",
+    "versions", "write_run_report",
 ]  # fmt: skip
 
 REPORT_FILE = "run_report.json"
@@ -141,8 +146,10 @@ def build_run_report(
 
     Throughput covers this ``train()`` call only (a resumed run does not count earlier sessions' tokens).
     ``tokens_per_second`` counts the tokens the Trainer tracked (``include_num_input_tokens_seen``), summed over
-    processes, so MFU divides by ``world_size`` peaks. Anything that could not be computed is None, with the
-    reason in ``notes``.
+    processes, so MFU divides by ``world_size`` peaks. ``model_flops_per_token`` (and ``mfu``) is the counted
+    figure (``flops_counted`` says how: the parts, trainable vs frozen matmul weights, each technique's share),
+    ``model_flops_per_token_dense`` (and ``mfu_dense``) PaLM's dense one. Anything that could not be computed is
+    None, with the reason in ``notes``.
     """
     notes: list[str] = []
     state = trainer.state
@@ -172,7 +179,9 @@ def build_run_report(
     world_size = int(accelerator.num_processes)
 
     memory = peak_memory()  # before peak_flops: a measurement's matmul must not count as the run's peak
-    flops_per_token = model_flops_per_token(model, seq_len)
+    fractions = _compute_fractions(techniques, model, int(state.global_step), seq_len, notes)
+    counted = count_flops(model, seq_len, fractions)
+    flops_per_token = counted.total
     dtype = _dtype_of(trainer.args)
     device = trainer.args.device
     run_mfu, peak = None, None
@@ -181,6 +190,12 @@ def build_run_report(
         if mfu_note:
             notes.append(mfu_note)
     peak = peak or device_peak(device, dtype)
+    dense_mfu = None
+    if tokens_per_second is not None:  # the same peak; never over 1 either
+        dense_mfu = mfu(tokens_per_second, counted.dense, peak.flops, world_size)
+        if dense_mfu > 1:
+            notes.append(f"mfu_dense: {dense_mfu:.3g} > 1, the dense count overstates this run's work; not given")
+            dense_mfu = None
 
     technique_reports = []
     for t in techniques:
@@ -206,7 +221,10 @@ def build_run_report(
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
         "peak_memory_bytes": memory,
         "model_flops_per_token": flops_per_token,
+        "model_flops_per_token_dense": counted.dense,
         "mfu": run_mfu,
+        "mfu_dense": dense_mfu,
+        "flops_counted": counted.as_dict(),
         "peak_flops": peak.flops,
         "peak_flops_source": peak.source,
         "peak_flops_measured_at": peak.measured_at,
@@ -224,6 +242,24 @@ def build_run_report(
         logger.warning("run report: %s", note)
     report.update(extra or {})
     return report
+
+
+def _compute_fractions(
+    techniques: list, model: torch.nn.Module, steps: int, seq_len: int, notes: list[str]
+) -> list[tuple[str, ComputeFraction]]:
+    """Each technique's ``compute_fraction`` answer; one that fails is noted, never fatal (the report is evidence)."""
+    out = []
+    for t in techniques:
+        hook = getattr(t, "compute_fraction", None)
+        try:
+            fraction = hook(model, steps, int(seq_len)) if hook is not None else None
+        except Exception as e:
+            logger.exception("run report: %s.compute_fraction failed", t.name)
+            notes.append(f"flops_counted: {t.name}.compute_fraction failed ({type(e).__name__}: {e}); counted as 1.0")
+            continue
+        if fraction is not None:
+            out.append((t.name, fraction))
+    return out
 
 
 def eval_metrics(log_history: list[dict[str, Any]], task: str | None = None) -> dict[str, float | None]:

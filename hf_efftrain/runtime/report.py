@@ -94,8 +94,10 @@ def summary_table(report: Mapping[str, Any]) -> str:
     rows += [
         ("optimizer state", _num(report.get("optimizer_state_bytes"), ",.1f", _MIB, " MiB")),
         ("params (trainable / total)", f"{_count(trainable)} / {_count(total)}"),
-        ("MFU", _num(report.get("mfu"), ".2f", 0.01, " %")),
+        ("MFU (work counted)", _num(report.get("mfu"), ".2f", 0.01, " %")),
     ]
+    if "mfu_dense" in report:  # PaLM's dense 6N + 12 L d s, as other tools count it
+        rows.append(("MFU (dense 6N+12Lds)", _num(report["mfu_dense"], ".2f", 0.01, " %")))
     if report.get("peak_flops_source"):
         when = f", measured {report['peak_flops_measured_at']}" if report.get("peak_flops_measured_at") else ""
         rows.append(("peak FLOP/s", f"{_num(report.get('peak_flops'), '.3g')} ({report['peak_flops_source']}{when})"))

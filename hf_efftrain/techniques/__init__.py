@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     divergence_guard,
     fixup,
     fp16,
+    fused_kernels,
     generation_samples,
     gradient_checkpointing,
     lamb,

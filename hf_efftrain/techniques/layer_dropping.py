@@ -26,6 +26,11 @@ gradient: ``ddp_find_unused_parameters`` must be true (set by ``training_args``)
 fills a missing gradient with zeros, so Adam's moments still move a skipped block slightly (not tested here: no
 deepspeed on the CPU machine).
 
+Under ``torch.compile`` (``training.torch_compile``) the draw and each block's decision run outside the graph
+(``LayerDrop._kept``): a graph specialised on a Python value per block pattern or per theta(t) would recompile at
+every step, past dynamo's recompile limit. Each block is one graph break, with two versions (kept, skipped), and its
+compiled branches read 1/p from a tensor.
+
 Functional core for the stock Trainer: ``drop = LayerDrop(model, mode="progressive", theta_bar=0.5, gamma=1e-3)``,
 ``Trainer(..., callbacks=[drop.callback()])``; or ``drop.apply()`` / ``drop.set_step(t)`` / ``drop.undo()`` by hand.
 """
@@ -118,6 +123,8 @@ class LayerDrop:
         self._draw_index = 0
         self.keep: list[list[bool]] = [[True] * len(s) for s in self.stacks]
         self.scale: list[list[float]] = [[1.0] * len(s) for s in self.stacks]
+        self.scale_tensors: list[torch.Tensor | None] = [None] * len(self.stacks)  # under torch.compile: see _kept
+        self.current_scale: torch.Tensor | None = None
         self.kept_blocks = 0
         self.drawn_blocks = 0
         self._patches: Patches | None = None
@@ -172,21 +179,37 @@ class LayerDrop:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not block.training:
                 return original(*args, **kwargs)
-            if i == 0:
-                self.draw(s)
-            if not self.keep[s][i]:
-                return args[0] if args else kwargs["hidden_states"]  # identity on the residual stream
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not self._kept(s, i, hidden, torch.compiler.is_compiling()):
+                return hidden  # identity on the residual stream
             return original(*args, **kwargs)
 
         return forward
+
+    # Under torch.compile the draw and the decision run outside the graph (one break per block); the graph after the
+    # break is specialised on the returned bool, so each block has at most two versions, not one per pattern of kept
+    # blocks. A compiled branch reads its scale from a tensor (``scale_tensors``): a Python float would be a constant
+    # of the graph, recompiled whenever theta(t) moves.
+    @torch.compiler.disable
+    def _kept(self, s: int, i: int, hidden: torch.Tensor, compiling: bool = False) -> bool:
+        if i == 0:
+            self.draw(s)
+            if compiling:  # the float32 values a Python float gives a float32 product; an async copy, no host sync
+                scales = torch.tensor(self.scale[s], dtype=torch.float32)
+                self.scale_tensors[s] = scales.to(hidden.device, non_blocking=True)
+        if compiling:  # what the block's compiled branches read (the block runs next, after this break)
+            self.current_scale = self.scale_tensors[s][i]
+        return self.keep[s][i]
 
     def _branch_forward(self, s: int, i: int, module: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
         # Also runs inside gradient-checkpointing recomputation, so it reads the scale stored at draw time.
         def forward(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
-            if module.training and self.scale[s][i] != 1.0:
-                out = _scaled(out, self.scale[s][i])
-            return out
+            if not module.training:
+                return out
+            if torch.compiler.is_compiling():
+                return _scaled(out, self.current_scale)
+            return _scaled(out, self.scale[s][i]) if self.scale[s][i] != 1.0 else out
 
         return forward
 
@@ -294,3 +317,14 @@ class LayerDroppingTechnique(Technique):
             return {}
         return {"theta_final": d.theta(), "keep_probs_final": keep_probs(d.theta(), len(d.stacks[0])),
                 "mean_keep_fraction": d.mean_keep_fraction()}  # fmt: skip
+
+    def compute_fraction(self, model: nn.Module, steps: int, seq_len: int) -> Any:
+        """Each block ran (forward and backward) in ``mean_keep_fraction`` of the training forwards: the mean over
+        all blocks, given to each (the deeper ones are dropped more often; the total is the same for equal blocks)."""
+        from ..runtime.flop_count import uniform_blocks
+
+        keep = self.drop.mean_keep_fraction() if self.drop is not None else None
+        if keep is None:
+            return None
+        blocks = [b for stack in self.drop.stacks for b in stack]
+        return uniform_blocks(blocks, keep, "layer dropping: blocks kept in this share of training forwards")

@@ -300,3 +300,22 @@ class LayerFreezingTechnique(Technique):
         start, end = f.steps()
         return {"start_step": start, "end_step": end, "frozen_history": f.history,
                 "backward_layer_step_fraction": f.layer_step_fraction(f.max_steps)}  # fmt: skip
+
+    def compute_fraction(self, model: nn.Module, steps: int, seq_len: int) -> Any:
+        """Block k gets weight gradients in the steps where fewer than k + 1 blocks are frozen (``history``), and
+        input / attention gradients then too, or in every step when the embeddings below it keep training."""
+        from ..runtime.flop_count import ComputeFraction, Parts
+
+        f = self.freezer
+        if f is None or steps <= 0:
+            return None
+        trained, n, last = [0] * len(f.blocks), 0, 0
+        for h in f.history + [{"step": steps, "frozen_layers": 0}]:  # as layer_step_fraction walks it
+            step = min(h["step"], steps)
+            trained[n:] = [t + max(0, step - last) for t in trained[n:]]
+            n, last = h["frozen_layers"], step
+        shares = [t / steps for t in trained]
+        # Backward stops below the frozen blocks only when the embeddings under them freeze too.
+        parts = [Parts(1.0, b, w, 1.0, b) for w in shares for b in [w if f.freeze_embeddings else 1.0]]
+        note = f"layer freezing: blocks trained in {sum(shares) / len(shares):.4g} of the block-steps (weight grads)"
+        return ComputeFraction(note, dict(zip(f.blocks, parts)))

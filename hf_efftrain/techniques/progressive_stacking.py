@@ -44,6 +44,7 @@ from ..core.layers import base_model, layer_stacks
 from ..core.registry import register_technique
 from ..core.technique import Env, Technique, TechniqueConfig
 from ..errors import RecipeError
+from ..runtime.flop_count import uniform_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -386,15 +387,14 @@ class ProgressiveStackingTechnique(Technique):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # EffTrainer calls this before Trainer.train() loads the checkpoint's weights: grow first, then they fit.
-        optimizer = getattr(self.trainer, "optimizer", None)
-        self._require_stacker().load_state_dict(state, optimizer)
+        self._require_stacker().load_state_dict(state, getattr(self.trainer, "optimizer", None))
 
     def report(self) -> dict[str, Any]:
         s = self._require_stacker()
-        total = s.max_steps or 0
-        return {
-            "depths": s.depths,
-            "stages": s.history,
-            "grow_at_steps": s.resolved_steps() if (s.grow_at_steps or s.max_steps) else None,
-            "layer_step_fraction": s.layer_step_fraction(total) if total else None,
-        }
+        return {"depths": s.depths, "stages": s.history,
+                "grow_at_steps": s.resolved_steps() if (s.grow_at_steps or s.max_steps) else None,
+                "layer_step_fraction": s.layer_step_fraction(s.max_steps) if s.max_steps else None}  # fmt: skip
+
+    def compute_fraction(self, model: nn.Module, steps: int, seq_len: int) -> Any:  # blocks work once stacked
+        s, stack = self._require_stacker(), _stack(model)
+        return uniform_blocks(stack, s.layer_step_fraction(steps) * s.full_depth / len(stack), "progressive stacking")

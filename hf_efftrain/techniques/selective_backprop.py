@@ -300,5 +300,20 @@ class SelectiveBackpropTechnique(Technique):
             "history_len": len(self.core.history),
         }
 
+    def compute_fraction(self, model: torch.nn.Module, steps: int, seq_len: int) -> Any:
+        """From ``start_step`` on, every micro-batch runs a no-grad forward of all examples, then forward and backward
+        of the kept share f (``token_fraction_backpropagated``): forward 1 + f, backward f of the counted work."""
+        from ..runtime.flop_count import ComputeFraction, Parts
+
+        c = self.core.counts
+        f = c["tokens_backpropagated"] / c["tokens_seen"] if c["tokens_seen"] else self.core.fraction_backpropagated()
+        if f is None or steps <= 0:
+            return None
+        a = max(0, steps - self.config.start_step) / steps  # the share of steps that selected
+        forward, backward = 1 + a * f, 1 - a + a * f
+        note = (f"selective backprop: {f:.4g} of the target tokens backpropagated in {a:.4g} of the steps, after "
+                "a no-grad forward of all of them")  # fmt: skip
+        return ComputeFraction(note, rest=Parts(forward, backward, backward, forward, backward))
+
 
 __all__ = ["SelectiveBackprop", "SelectiveBackpropConfig", "SelectiveBackpropTechnique", "per_example_loss"]

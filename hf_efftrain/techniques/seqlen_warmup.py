@@ -342,3 +342,18 @@ class SeqLenWarmupTechnique(Technique):
             "targets_during_warmup": w.targets_in,
             "targets_dropped_fraction": 1 - w.targets_out / w.targets_in if w.targets_in else 0.0,
         }
+
+    def compute_fraction(self, model: torch.nn.Module, steps: int, seq_len: int) -> Any:
+        """Before ``warmup_steps`` rows are cut to len(t): a token attends over min(len(t), seq_len) positions, so
+        attention scales by that over seq_len, averaged over the tokens (truncate: len(t) a row at step t; reshape:
+        the same number at every step). Matmul work per token does not change."""
+        from ..runtime.flop_count import ComputeFraction, Parts
+
+        w = self.warmup
+        if w is None or steps <= 0 or seq_len <= 0:
+            return None
+        lengths = [min(w.length(t), seq_len) for t in range(steps)]
+        weights = [1] * steps if w.constant_tokens else lengths
+        r = sum(n * k for n, k in zip(lengths, weights)) / (sum(weights) * seq_len)
+        note = f"seqlen warmup: attention over {r:.4g} of seq_len {seq_len} on average (rows as long as seq_len)"
+        return ComputeFraction(note, rest=Parts(attention_forward=r, attention_backward=r))

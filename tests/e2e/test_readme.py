@@ -37,6 +37,8 @@ SKIP = {
         "six training subprocesses, minutes on 2 CPU cores; the bench runner is covered by tests/unit/test_bench.py"
     ),
     "bash scripts/gpu_check.sh": "needs a CUDA GPU",
+    "bash scripts/gpu_bench.sh": "needs a CUDA GPU",
+    "bash scripts/gpu_bench.sh --cpu-smoke": "nine training subprocesses; run by tests/e2e/test_gpu_bench.py",
     "hf-efftrain merge runs/llama3.1-8b-lora --dtype bfloat16": "needs a finished LoRA run of an 8B model (the hub)",
 }
 

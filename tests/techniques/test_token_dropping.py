@@ -1,5 +1,6 @@
 """Token dropping (random-LTD, arXiv 2211.11586; importance, arXiv 2203.13240): bitwise identity at keep 1.0 and in
-eval, gather/scatter against a hand-built reference, the importance EMA by hand, undo, resume, real Trainer steps."""
+eval, gather/scatter against a hand-built reference, the importance EMA by hand, undo, resume, real Trainer steps,
+and dynamo compiling it with a moving kept count without a recompile per step."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 from hf_efftrain import Recipe, RecipeError, train
 from hf_efftrain.core.registry import get_technique
 from hf_efftrain.techniques.token_dropping import (
+    Selection,
     TokenDropper,
     TokenDroppingCallback,
     TokenDroppingConfig,
@@ -20,8 +22,10 @@ from hf_efftrain.techniques.token_dropping import (
     TokenImportance,
     keep_fraction,
     kept_count,
+    put,
     run_on_subset,
     segment_positions,
+    take,
 )
 
 S = 16
@@ -77,6 +81,28 @@ def test_segment_positions_for_packed_rows():
     assert segment_positions(torch.arange(10)[None], torch.tensor([[1, 4, 9]])).tolist() == [[0, 1, 2]]
 
 
+def test_take_and_put_are_row_copies_of_the_flat_view():
+    # One index_select / index_copy on (B*S, H) rows b*S + idx[b]: the same values as the element-wise gather and
+    # scatter by hand, a batch of 1 (rotary cos/sin, position ids) shared by every row, gradients to both paths.
+    x = torch.arange(30.0).view(3, 5, 2).requires_grad_()
+    idx = torch.tensor([[0, 3], [1, 2], [2, 4]])
+    sel = Selection.of(idx, 5)
+    assert sel.flat.tolist() == [0, 3, 6, 7, 12, 14]
+    sub = take(x, sel)
+    assert torch.equal(sub, torch.stack([x[b, idx[b]] for b in range(3)]))
+    assert torch.equal(take(x[:1], sel), torch.stack([x[0, idx[b]] for b in range(3)]))
+    out = put(x, sub * 10, sel)
+    expected = x.detach().clone()
+    for b in range(3):
+        expected[b, idx[b]] *= 10
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    grad = torch.ones(3, 5, 2)
+    for b in range(3):
+        grad[b, idx[b]] = 10.0  # kept rows: through the layer (x10); dropped rows: the identity
+    assert torch.equal(x.grad, grad)
+
+
 def test_packed_flash_kwargs_follow_the_kept_tokens():
     # What the packing technique sends for flash attention: position ids restarting per document + cu_seq_lens.
     seen = {}
@@ -96,12 +122,18 @@ def test_packed_flash_kwargs_follow_the_kept_tokens():
     policy = DropPolicy(position_ids="position_ids")
     out = run_on_subset(layer, inspect.signature(layer), policy, idx, (h,), {"position_ids": pos, **full})
     assert seen["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
-    assert seen["cu_seq_lens_q"].tolist() == [0, 2, 3, 4, 6] and seen["max_length_q"] == 2  # [0 2] [3] [1] [3 4]
+    assert seen["cu_seq_lens_q"].tolist() == [0, 2, 3, 4, 6]  # [0 2] [3] [1] [3 4]
+    assert seen["max_length_q"] == 3  # an upper bound, min(full rows' 3, K = 3): no host sync to find the 2
     assert seen["mask"] is None
     expected = h.clone()
     for b in range(2):
         expected[b, idx[b]] *= 2
     assert torch.equal(out, expected)
+    # Segment [5, 7) (row 1's first document) fully dropped: it stays, with length 0, so no count leaves the device.
+    run_on_subset(layer, inspect.signature(layer), policy, torch.tensor([[0, 1, 3], [2, 3, 4]]), (h,),
+                  {"position_ids": pos, **full, "max_length_q": 2})  # fmt: skip
+    assert seen["cu_seq_lens_q"].tolist() == [0, 2, 3, 3, 6] and seen["max_length_q"] == 2
+    assert seen["position_ids"].tolist() == [[0, 1, 0], [0, 1, 2]]
 
 
 @pytest.mark.parametrize("make", ["llama-sdpa", "llama-eager", "gpt2", "bert"])
@@ -381,3 +413,36 @@ def test_technique_contract():
     assert "2211.11586" in TokenDroppingTechnique.paper and "2203.13240" in TokenDroppingTechnique.paper
     for field_name, field in TokenDroppingConfig.model_fields.items():
         assert field_name == "name" or field.description
+
+
+def test_compiles_with_a_moving_keep_and_no_recompile_per_step(tiny):
+    # Dynamo alone (backend "eager": no inductor, seconds): the draw and the kept count run outside the graph, one
+    # break per dropping layer, nothing else breaks it; a K that moves every step is a dynamic dimension after one
+    # recompile, and the compiled forward and backward compute exactly what eager does.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    ids = batch(b=2)["input_ids"]
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = llama(tiny, layers=5)
+        dropper = TokenDropper(model, keep=0.25, seed=0, multiple_of=1)
+        model.train()
+        run = torch.compile(model, backend="eager") if compiled else model
+        losses, graphs = [], []
+        with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+            for step in range(6):
+                dropper.keep = keep_fraction(step, 0.25, 4)  # K = 4, 7, 10, 13, 16 (keep 1: no dropping)
+                loss = run(input_ids=ids, labels=ids).loss
+                loss.backward()
+                losses.append(loss.detach())
+                graphs.append(counters["stats"]["unique_graphs"])
+        grads = [p.grad for p in model.parameters()]
+        runs.append((torch.stack(losses), grads, graphs, dict(counters["graph_break"])))
+    (eager, eager_grads, _, _), (comp, comp_grads, graphs, breaks) = runs
+    assert torch.equal(eager, comp) and all(torch.equal(a, b) for a, b in zip(eager_grads, comp_grads))
+    assert graphs[1] == graphs[2] == graphs[3] > 0, graphs  # K = 10 and 13 reuse the dynamic-K graph of K = 7
+    assert graphs[4] == graphs[5], graphs  # keep 1: the layers' own forward, compiled once
+    assert len(breaks) == 1 and "TokenDropper._selection" in next(iter(breaks)), breaks

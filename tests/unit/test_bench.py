@@ -12,7 +12,16 @@ import pytest
 import yaml
 
 from hf_efftrain.bench import runner
-from hf_efftrain.bench.compare import FIGURES, compare, field_value, first_reach, smooth, step_time, value_at
+from hf_efftrain.bench.compare import (
+    FIGURES,
+    compare,
+    field_value,
+    first_reach,
+    smooth,
+    step_time,
+    value_at,
+    warmup_times,
+)
 from hf_efftrain.bench.matrix import compose_prepare, compose_rows, load_matrix
 from hf_efftrain.cli import main
 from hf_efftrain.core.recipe import Recipe
@@ -134,6 +143,17 @@ def _curve(losses, seconds_per_step, tokens_per_step=100):
     ]
 
 
+def test_first_step_and_warm_up_are_kept_apart_from_the_steady_step_time():
+    # A compiled run: step 1 takes 5 s (compilation), a recompile adds 2 s at step 3, else 0.25 s per step.
+    times = [5.0, 5.25, 7.5, 7.75, 8.0, 8.25]
+    curve = [{"step": s, "loss": 1.0, "time_s": t} for s, t in enumerate(times, start=1)]
+    assert step_time(curve) == 0.25  # the median ignores the recompile
+    assert warmup_times(curve, 0.25) == (5.0, 8.25 - 6 * 0.25)  # first step; everything beyond 6 steady steps
+    every_other = [p for p in curve if p["step"] % 2 == 0]  # logs at steps 2, 4, 6: step 2's share is left out
+    assert warmup_times(every_other, 0.25) == (5.25 - 0.25, 8.25 - 1.5)
+    assert warmup_times(curve, None) == (None, None) and warmup_times([], 0.25) == (None, None)
+
+
 def test_smoothing_is_a_trailing_mean():
     curve = smooth(_curve([4.0, 2.0, 6.0, 0.0], 1.0), window=2)
     assert [p["loss"] for p in curve] == [4.0, 3.0, 4.0, 3.0]
@@ -253,6 +273,23 @@ def test_prepare_refers_only_to_earlier_runs_and_quick_reaches_it(tmp_path, tiny
     assert b.recipe["model"]["name_or_path"] == "/x/a" and b.needs == ("a",) and a.recipe["training"]["max_steps"] == 1
     steps = {q: [r.recipe["training"]["max_steps"] for r in compose_rows(m, path, q)] for q in (False, True)}
     assert steps == {False: [6, 9], True: [1, 2]}  # a row's quick comes after the matrix's, only with --quick
+    # bench --set comes after everything, prepare runs included
+    over = ["training.max_steps=3"]
+    rows = compose_prepare(m, path, True, {"a": "/x/a", "b": "/x/b"}, over) + compose_rows(m, path, True, None, over)
+    assert [r.recipe["training"]["max_steps"] for r in rows] == [3, 3, 3, 3]
+
+
+def test_baseline_runs_only_its_own_techniques(tmp_path, tiny_recipe):
+    matrix = {
+        "recipe": {**tiny_recipe(), "techniques": [{"name": "packing"}]},
+        "baseline": {"techniques": [{"name": "bf16"}]},
+        "variants": [{"name": "v", "techniques": [{"name": "lion"}]}],
+    }
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    baseline, v = compose_rows(load_matrix(path), path)
+    assert baseline.plain and [t["name"] for t in baseline.recipe["techniques"]] == ["bf16"]
+    assert [t["name"] for t in v.recipe["techniques"]] == ["packing", "lion"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.yaml")), ids=lambda p: p.name)
@@ -262,7 +299,8 @@ def test_every_benchmark_matrix_composes_into_valid_recipes(path, monkeypatch):
     for quick in (False, True):
         rows = compose_prepare(matrix, path, quick) + compose_rows(matrix, path, quick)
         assert [(r.name, r.error) for r in rows if r.error] == []
-        assert rows[len(matrix.prepare)].plain and rows[len(matrix.prepare)].recipe["techniques"] == []
+        baseline = rows[len(matrix.prepare)]
+        assert baseline.plain and baseline.recipe["techniques"] == matrix.baseline.techniques
         for row in rows:
             Recipe.parse(row.recipe)
             assert set(row.needs) <= {p.name for p in matrix.prepare}

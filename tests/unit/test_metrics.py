@@ -24,6 +24,7 @@ from transformers import (
 
 from hf_efftrain.core.technique import Technique, TechniqueConfig
 from hf_efftrain.runtime import flops
+from hf_efftrain.runtime.flop_count import ComputeFraction, Parts
 from hf_efftrain.runtime.metrics import (
     build_run_report,
     mfu,
@@ -241,6 +242,17 @@ class _NoteTechnique(Technique):
         return {"chose": "nothing"}
 
 
+class _HalfBlocksTechnique(_NoteTechnique):
+    def compute_fraction(self, model, steps, seq_len):
+        assert steps == 4 and seq_len == 16
+        return ComputeFraction("blocks did half", {b: Parts.uniform(0.5) for b in model.model.layers})
+
+
+class _BrokenTechnique(_NoteTechnique):
+    def compute_fraction(self, model, steps, seq_len):
+        raise ValueError("boom")
+
+
 def _dataset(n: int, seq: int, real: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -280,7 +292,7 @@ def test_run_report_from_real_trainer(tmp_path):
         "tokens_per_second", "samples_per_second", "wall_time_s", "steps", "train_loss_first", "train_loss_final",
         "eval_loss", "params_total", "params_trainable", "optimizer_state_bytes", "peak_memory_bytes",
         "model_flops_per_token", "mfu", "peak_flops", "peak_flops_source", "world_size", "distributed_type",
-        "techniques", "versions", "loss_history",
+        "techniques", "versions", "loss_history", "model_flops_per_token_dense", "mfu_dense", "flops_counted",
     ):  # fmt: skip
         assert key in report, key
 
@@ -300,7 +312,14 @@ def test_run_report_from_real_trainer(tmp_path):
     # trainer.optimizer is Accelerate's wrapper: AdamW fp32 moments plus a step tensor per parameter.
     n_tensors = len(list(trainer.model.parameters()))
     assert report["optimizer_state_bytes"] == 2 * 4 * n_params + 4 * n_tensors
-    assert report["model_flops_per_token"] == 6 * 80128 + 12 * 2 * 64 * seq
+    # Everything trains: the counted work is PaLM's dense 6N + 12 L d s, and both MFUs agree.
+    dense = 6 * 80128 + 12 * 2 * 64 * seq
+    assert report["model_flops_per_token"] == report["model_flops_per_token_dense"] == dense
+    assert report["mfu_dense"] == report["mfu"]
+    counted = report["flops_counted"]
+    assert counted["total"] == dense and counted["matmul_params_trainable"] == 80128
+    assert counted["matmul_params_frozen"] == 0 and counted["techniques"] == []
+    assert counted["matmul_weight_grad"] == 2 * 80128 and counted["attention_backward"] == 8 * 2 * 64 * seq
     assert report["peak_flops_source"].startswith("measured:") and "float32" in report["peak_flops_source"]
     assert 0 < report["mfu"] < 1
     assert report["mfu"] == pytest.approx(
@@ -322,6 +341,27 @@ def test_run_report_from_real_trainer(tmp_path):
     table = summary_table(report)
     assert f"{report['train_loss_first']:.4f} -> {report['train_loss_final']:.4f}" in table
     assert "MFU" in table and "tokens/s" in table and "peak RSS" in table
+    assert "MFU (work counted)" in table and "MFU (dense 6N+12Lds)" in table
+
+    # A technique's compute_fraction scales what it names (the blocks, not the LM head); a failing one is noted.
+    report = build_run_report(trainer, output, [_HalfBlocksTechnique(), _BrokenTechnique()], seq_len=seq)
+    head = 6 * 64 * 100
+    assert report["model_flops_per_token"] == head + (dense - head) / 2
+    assert report["model_flops_per_token_dense"] == dense
+    assert report["mfu"] == pytest.approx(report["mfu_dense"] * report["model_flops_per_token"] / dense)
+    assert report["flops_counted"]["techniques"] == [
+        {"name": "note_for_test", "note": "blocks did half", "fraction_of_total": round((head + dense) / 2 / dense, 6)}
+    ]
+    assert any("compute_fraction failed (ValueError: boom)" in n for n in report["notes"])
+
+    # LoRA-like: the frozen base does no weight gradient, and no backward below the first trainable weight.
+    trainer.model.requires_grad_(False)
+    trainer.model.lm_head.requires_grad_(True)
+    report = build_run_report(trainer, output, [], seq_len=seq)
+    assert report["model_flops_per_token"] == 2 * 80128 + 2 * 64 * 100 + 4 * 2 * 64 * seq
+    assert report["flops_counted"]["matmul_params_frozen"] == 80128 - 64 * 100
+    assert report["mfu"] < report["mfu_dense"]
+    trainer.model.requires_grad_(True)
 
     # Without token counting the report says so instead of inventing a throughput.
     trainer.state.num_input_tokens_seen = 0

@@ -34,12 +34,16 @@ from .dropper import TokenDropper, TokenDroppingCallback, keep_fraction, kept_co
 from .importance import TokenImportance
 from .subset import (  # noqa: F401  (re-exported: the functional cores are imported from the package)
     DropPolicy,
+    Selection,
     flash_varlen_kwargs,
     gather_mask,
     gather_seq,
+    kept_varlen_kwargs,
+    put,
     register_drop_policy,
     run_on_subset,
     segment_positions,
+    take,
 )
 
 logger = logging.getLogger(__name__)
@@ -144,3 +148,20 @@ class TokenDroppingTechnique(Technique):
         if self.dropper is None:
             return {}
         return {"dropping_layers": self.dropper.layer_ids, "schedule_steps": self._steps, "seed": self._seed}
+
+    def compute_fraction(self, model: torch.nn.Module, steps: int, seq_len: int) -> Any:
+        """The dropping layers ran on k(t) = kept_count(seq_len, keep(t)) of seq_len tokens at step t: their matmuls
+        scale by the mean of k/S over the schedule's steps, their attention (k x k scores) by the mean of (k/S)^2."""
+        from ...core.layers import layer_stacks
+        from ...runtime.flop_count import ComputeFraction, Parts
+
+        if self.dropper is None or steps <= 0 or seq_len <= 0:
+            return None
+        keeps = (self.keep_at(t) for t in range(steps))
+        kept = [1.0 if k >= 1.0 else kept_count(seq_len, k, self.config.multiple_of) / seq_len for k in keeps]
+        linear, square = sum(kept) / steps, sum(f * f for f in kept) / steps
+        layers = next(iter(layer_stacks(model).values()))
+        parts = Parts(linear, linear, linear, square, square)
+        note = (f"token dropping: layers {self.dropper.layer_ids} ran on {linear:.4g} of the tokens on average "
+                f"(attention {square:.4g}), seq_len {seq_len} standing for every batch's length")  # fmt: skip
+        return ComputeFraction(note, {layers[i]: parts for i in self.dropper.layer_ids})

@@ -22,7 +22,7 @@ from ...core.layers import base_model, layer_stacks
 from ...core.patching import Patches, patch_attr
 from ...errors import RecipeError
 from .importance import TokenImportance
-from .subset import _POLICIES, DropPolicy, _Args, run_on_subset
+from .subset import _POLICIES, ArgMap, DropPolicy, Selection, row_offsets, subset_call
 
 
 def keep_fraction(step: int, keep_start: float, schedule_steps: int | None, start_step: int = 0) -> float:
@@ -44,7 +44,9 @@ class TokenDropper:
     """Patches the middle layers of ``model`` (by ``layer_stacks`` and a registered ``DropPolicy``).
 
     ``keep`` (set it each step) is the kept fraction; ``undo()`` restores the model. ``last_indices[i]`` holds the
-    kept indices of layer i's last training forward (for inspection and tests).
+    kept indices of layer i's last training forward (for inspection and tests). Under ``torch.compile`` the kept
+    count and the draw run outside the graph (``_selection``: one graph break per dropping layer), so a changing
+    ``keep`` is a changing K, which dynamo's automatic dynamic shapes absorb after one recompile.
     """
 
     def __init__(
@@ -77,8 +79,11 @@ class TokenDropper:
         self.strategy, self.keep, self.multiple_of = strategy, keep, multiple_of
         self.importance = importance
         self.generator = torch.Generator().manual_seed(seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._row_starts: dict[tuple, torch.Tensor] = {}
+        self.config = getattr(model, "config", None)
         self.last_indices: dict[int, torch.Tensor] = {}
-        self._shared: torch.Tensor | None = None  # importance: this forward's kept indices
+        self._shared: Selection | None = None  # importance: this forward's kept tokens
         self.patches = Patches()
         self._hooks: list[Any] = []
         for i in self.layer_ids:
@@ -95,34 +100,54 @@ class TokenDropper:
 
     def _make_forward(self, i: int, layer: torch.nn.Module, policy: DropPolicy):
         original = layer.forward  # may already be another technique's wrapper (layer dropping): chained
-        sig = inspect.signature(type(layer).forward.__get__(layer))  # the class's own parameter names
+        argmap = ArgMap(inspect.signature(type(layer).forward.__get__(layer)))  # the class's own parameter names
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if not layer.training or self.keep >= 1.0:
+            if not layer.training:
                 return original(*args, **kwargs)
-            hidden = _Args(sig, args, kwargs).get(policy.hidden)
-            idx = self._indices(hidden)
-            if idx is None:
+            sel = self._selection(i, argmap.get(args, kwargs, policy.hidden))
+            if sel is None:
                 return original(*args, **kwargs)
-            self.last_indices[i] = idx
-            return run_on_subset(original, sig, policy, idx, args, kwargs)
+            return subset_call(original, argmap, policy, sel, args, kwargs, self._flash())
 
         return forward
 
-    def _indices(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def _flash(self) -> bool:
+        """Whether the attention kernel reads position ids (flash attention: packed segments from their restarts)."""
+        return "flash" in str(getattr(self.config, "_attn_implementation", None) or "")
+
+    @torch.compiler.disable  # RNG, the kept count and the host-side draw stay out of compiled graphs (one break)
+    def _selection(self, i: int, hidden: torch.Tensor) -> Selection | None:
         b, s = hidden.shape[:2]
-        k = kept_count(s, self.keep, self.multiple_of)
+        k = kept_count(s, self.keep, self.multiple_of) if self.keep < 1.0 else s
         if k >= s:
             return None
         if self.strategy == "importance":
-            return self._shared
-        # One seed from the CPU generator (its state is what resume restores); the draw itself runs on the
-        # hidden states' device, so no host-device copy stalls the GPU at every layer.
+            sel = self._shared
+        else:
+            sel = Selection.of(self._draw(b, s, k, hidden.device), s, self._offsets(b, s, hidden.device))
+        if sel is not None:
+            self.last_indices[i] = sel.idx
+        return sel
+
+    def _offsets(self, b: int, s: int, device: torch.device) -> torch.Tensor:
+        """The rows' starts in the flattened view, made once per batch shape (two device ops fewer per layer)."""
+        key = (b, s, device)
+        if key not in self._row_starts:
+            self._row_starts = {key: row_offsets(b, s, device)}  # one shape at a time: no growth with shapes
+        return self._row_starts[key]
+
+    def _draw(self, b: int, s: int, k: int, device: torch.device) -> torch.Tensor:
+        # One seed from the CPU generator (its state is what resume restores); the draw itself runs on the hidden
+        # states' device, so no host-device copy stalls the GPU at every layer. One device generator, reseeded.
         seed = int(torch.randint(2**62, (1,), generator=self.generator))
-        g = torch.Generator(device=hidden.device).manual_seed(seed)
-        keys = torch.rand(b, s, generator=g, device=hidden.device)
+        g = self._device_generators.get(device)
+        if g is None:
+            g = self._device_generators[device] = torch.Generator(device=device)
+        keys = torch.rand(b, s, generator=g.manual_seed(seed), device=device)
         return keys.argsort(dim=1)[:, :k].sort(dim=1).values
 
+    @torch.compiler.disable
     def _select(self, module, args, kwargs):
         self._shared = None
         if not module.training or self.keep >= 1.0:
@@ -130,11 +155,14 @@ class TokenDropper:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise RuntimeError("token_dropping strategy 'importance' needs input_ids (not inputs_embeds)")
-        k = kept_count(ids.shape[1], self.keep, self.multiple_of)
-        if k < ids.shape[1]:
-            self._shared = self.importance.select(ids, k, kwargs.get("attention_mask"))
+        s = ids.shape[1]
+        k = kept_count(s, self.keep, self.multiple_of)
+        if k < s:
+            kept = self.importance.select(ids, k, kwargs.get("attention_mask"))
+            self._shared = Selection.of(kept, s, self._offsets(ids.shape[0], s, ids.device))
         return None
 
+    @torch.compiler.disable  # boolean indexing and bincount: data-dependent shapes, bookkeeping under no_grad
     def _record_loss(self, module, args, kwargs, output):
         labels = kwargs.get("labels")
         logits = getattr(output, "logits", None)

@@ -8,15 +8,23 @@ Sorting keeps causal order, so the causal mask of the subsequence is the origina
 columns I_l; rotary position embeddings (cos, sin) are gathered with the tokens, so a kept token keeps its original
 position.
 
-A ``DropPolicy`` per layer class names the arguments that are gathered (``register_drop_policy`` adds one); packed
-rows (flash attention varlen) get their position ids and segment boundaries renumbered over the kept tokens.
+The gather and the scatter are one ``index_select`` / ``index_copy`` each on the flattened (B*S, H) view (rows
+``b * S + I_l[b]``): a row copy, whose backward is a row copy too (``index_add`` into zeros, ``index_fill``), where an
+element-wise ``gather`` with an expanded (B, K, H) index costs a scatter-add per element in the backward. Nothing
+here reads a tensor on the host, so it adds no device sync and no graph break under ``torch.compile``.
+
+A ``DropPolicy`` per layer class names the arguments that are gathered (``register_drop_policy`` adds one). Position
+ids are only read by flash-attention kernels (rotary embeddings arrive precomputed): for those, packed rows get
+their position ids renumbered per segment over the kept tokens and their varlen boundaries ``cu_seq_lens`` counted
+over the kept tokens (``searchsorted``: a fully dropped segment stays, with length 0); other kernels get the kept
+tokens' own position ids.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,6 +51,42 @@ for _n in ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwe
 register_drop_policy("GPT2Block", DropPolicy(position_ids="position_ids"))  # learned positions: added before layer 0
 for _n in ("BertLayer", "RobertaLayer"):
     register_drop_policy(_n, DropPolicy())
+
+
+class Selection(NamedTuple):
+    """The kept tokens of one layer: ``idx`` (B, K) sorted positions per row; ``flat`` (B*K,) the same tokens as
+    rows of the flattened (B*S, ...) view, ascending."""
+
+    idx: torch.Tensor
+    flat: torch.Tensor
+
+    @classmethod
+    def of(cls, idx: torch.Tensor, seq_len: int, offsets: torch.Tensor | None = None) -> Selection:
+        """``offsets``: the rows' starts ``b * seq_len`` as a (B, 1) tensor, if the caller keeps one."""
+        if offsets is None:
+            offsets = row_offsets(idx.shape[0], seq_len, idx.device)
+        return cls(idx, (idx + offsets).reshape(-1))
+
+
+def row_offsets(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """(B, 1): where each row starts in the flattened (B*S, ...) view."""
+    return (torch.arange(batch, device=device) * seq_len)[:, None]
+
+
+def take(x: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """x[b, idx[b]] for x of shape (B|1, S, ...): one row gather (a batch of 1 is shared by every row)."""
+    b, k = sel.idx.shape
+    if x.shape[0] == 1:
+        rows = x[0].index_select(0, sel.idx.reshape(-1))
+    else:
+        rows = x.reshape(-1, *x.shape[2:]).index_select(0, sel.flat)
+    return rows.view(b, k, *x.shape[2:])
+
+
+def put(full: torch.Tensor, sub: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """``full`` (B, S, ...) with its rows ``sel`` replaced by ``sub`` (B, K, ...): one row scatter, out of place."""
+    rows = full.reshape(-1, *full.shape[2:])
+    return rows.index_copy(0, sel.flat, sub.reshape(-1, *full.shape[2:]).to(full.dtype)).view(full.shape)
 
 
 def gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -80,51 +124,93 @@ def segment_positions(position_ids: torch.Tensor, idx: torch.Tensor) -> torch.Te
 
 
 def flash_varlen_kwargs(positions: torch.Tensor) -> dict[str, Any]:
-    """cu_seq_lens / max_length over the flattened (B, K) kept tokens, a segment starting at each position 0."""
+    """cu_seq_lens / max_length over the flattened (B, K) kept tokens, a segment starting at each position 0 (reads
+    the boundaries back to the host; ``kept_varlen_kwargs`` does not)."""
     starts = (positions.reshape(-1) == 0).nonzero().flatten()
     cu = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
     longest = int(cu.diff().max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-class _Args:
-    """A call's arguments by name, whether passed positionally, by keyword, or inside ``**kwargs``."""
+def kept_varlen_kwargs(call: dict[str, Any], sel: Selection) -> dict[str, Any]:
+    """The flash varlen arguments of the kept tokens, from the full rows' ones without a host sync: segment j of the
+    kept tokens starts at the count of kept tokens before the full segment j (``searchsorted`` on the ascending
+    ``flat``), so a fully dropped segment has length 0. ``max_length`` stays an upper bound: min(full, K)."""
+    k = sel.idx.shape[1]
+    out: dict[str, Any] = {}
+    for side in ("q", "k"):
+        cu = call.get(f"cu_seq_lens_{side}")
+        if cu is not None:
+            out[f"cu_seq_lens_{side}"] = torch.searchsorted(sel.flat, cu.to(sel.flat.dtype)).to(cu.dtype)
+        longest = call.get(f"max_length_{side}")
+        if longest is not None:
+            out[f"max_length_{side}"] = min(longest, k) if isinstance(longest, int) else longest.clamp(max=k)
+    return out
 
-    def __init__(self, sig: inspect.Signature, args: tuple, kwargs: dict):
-        self.bound = sig.bind(*args, **kwargs)
-        self.var = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
 
-    def get(self, name: str) -> Any:
-        a = self.bound.arguments
-        return a[name] if name in a else a.get(self.var, {}).get(name) if self.var else None
+class ArgMap:
+    """Reads and replaces a call's arguments by name, whether passed positionally or by keyword (also inside
+    ``**kwargs``), from positions worked out once per layer: plain tuple/dict work, which ``torch.compile`` traces
+    (``inspect.Signature.bind`` would break the graph)."""
 
-    def set(self, name: str, value: Any) -> None:
-        if name in self.bound.signature.parameters:
-            self.bound.arguments[name] = value
-        elif self.var and name in self.bound.arguments.get(self.var, {}):
-            self.bound.arguments[self.var][name] = value
+    def __init__(self, sig: inspect.Signature):
+        params = list(sig.parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.position = {p.name: i for i, p in enumerate(params) if p.kind in positional}
+        self.named = {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
 
-    def set_all(self, values: dict[str, Any]) -> None:
+    def get(self, args: tuple, kwargs: dict, name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        i = self.position.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def replace(self, args: tuple, kwargs: dict, values: dict[str, Any]) -> tuple[tuple, dict]:
+        """New (args, kwargs) with ``values`` set: a name goes where it was passed; one not passed is added as a
+        keyword only if the signature names it (a name a ``**kwargs`` layer never got is left out)."""
+        args, kwargs = list(args), dict(kwargs)
         for name, value in values.items():
-            self.set(name, value)
+            i = self.position.get(name)
+            if i is not None and i < len(args):
+                args[i] = value
+            elif name in kwargs or name in self.named:
+                kwargs[name] = value
+        return tuple(args), kwargs
 
 
-def run_on_subset(forward: Any, sig: inspect.Signature, policy: DropPolicy, idx: torch.Tensor, args, kwargs):
-    """Run ``forward`` on the tokens ``idx`` (B, K) and scatter its output back; others pass through unchanged."""
-    call = _Args(sig, args, kwargs)
-    hidden = call.get(policy.hidden)
-    call.set(policy.hidden, gather_seq(hidden, idx))
-    call.set(policy.mask, gather_mask(call.get(policy.mask), idx))
-    if policy.rope and call.get(policy.rope) is not None:
-        call.set(policy.rope, tuple(gather_seq(t, idx) for t in call.get(policy.rope)))
-    if policy.position_ids and call.get(policy.position_ids) is not None:
-        positions = segment_positions(call.get(policy.position_ids), idx)
-        call.set(policy.position_ids, positions)
-        if call.get("cu_seq_lens_q") is not None:  # flash varlen over packed rows: boundaries of the kept tokens
-            call.set_all(flash_varlen_kwargs(positions))
-    elif call.get("cu_seq_lens_q") is not None:
+def subset_call(
+    forward: Any, argmap: ArgMap, policy: DropPolicy, sel: Selection, args: tuple, kwargs: dict, flash: bool
+) -> Any:
+    """Run ``forward`` on the tokens ``sel`` and scatter its output back; others pass through unchanged. ``flash``:
+    the attention kernel reads position ids (renumber them per kept segment)."""
+    hidden = argmap.get(args, kwargs, policy.hidden)
+    values: dict[str, Any] = {policy.hidden: take(hidden, sel)}
+    mask = argmap.get(args, kwargs, policy.mask)
+    padding = isinstance(mask, torch.Tensor) and mask.dim() == 2
+    values[policy.mask] = take(mask, sel) if padding else gather_mask(mask, sel.idx)
+    rope = argmap.get(args, kwargs, policy.rope) if policy.rope else None
+    if rope is not None:
+        values[policy.rope] = tuple(take(t, sel) for t in rope)
+    positions = argmap.get(args, kwargs, policy.position_ids) if policy.position_ids else None
+    varlen = kwargs.get("cu_seq_lens_q") is not None
+    if positions is not None:
+        flash = flash or varlen
+        values[policy.position_ids] = segment_positions(positions, sel.idx) if flash else take(positions, sel)
+    elif varlen:
         raise ValueError("token_dropping needs position_ids alongside cu_seq_lens (packed flash attention)")
-    out = forward(*call.bound.args, **call.bound.kwargs)
+    if varlen:  # flash varlen over packed rows: boundaries of the kept tokens
+        values.update(kept_varlen_kwargs(kwargs, sel))
+    args, kwargs = argmap.replace(args, kwargs, values)
+    out = forward(*args, **kwargs)
     sub = out[0] if isinstance(out, tuple) else out
-    full = hidden.scatter(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), sub.to(hidden.dtype))
+    full = put(hidden, sub, sel)
     return (full, *out[1:]) if isinstance(out, tuple) else full
+
+
+def run_on_subset(
+    forward: Any, sig: inspect.Signature, policy: DropPolicy, idx: torch.Tensor, args, kwargs, flash: bool = False
+):
+    """Run ``forward`` on the tokens ``idx`` (B, K) and scatter its output back; others pass through unchanged."""
+    argmap = ArgMap(sig)
+    sel = Selection.of(idx, argmap.get(args, kwargs, policy.hidden).shape[1])
+    return subset_call(forward, argmap, policy, sel, args, kwargs, flash)

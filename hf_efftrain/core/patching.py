@@ -52,6 +52,23 @@ def patch_attr(obj: Any, name: str, value: Any) -> Patch:
     return patch
 
 
+def route_training_loss(trainer: Any, loss: Any) -> Patch:
+    """Send a stock ``transformers.Trainer``'s training-mode loss calls through
+    ``loss(model, inputs, original_compute_loss, num_items_in_batch)`` (None: the original's loss); evaluation and
+    ``return_outputs`` calls keep the original. Returns the undo handle. How a technique's ``loss`` hook is used
+    by hand, without EffTrainer."""
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and not return_outputs:
+            out = loss(model, inputs, original, num_items_in_batch)
+            if out is not None:
+                return out
+        return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    return patch_attr(trainer, "compute_loss", compute_loss)
+
+
 def _own(obj: Any, name: str) -> Any:
     """The object's own value for ``name`` (an nn.Module keeps parameters, buffers and children apart)."""
     own = vars(obj) if hasattr(obj, "__dict__") else {}

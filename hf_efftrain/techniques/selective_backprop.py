@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..core.patching import Patch, patch_attr
+from ..core.patching import Patch, route_training_loss
 from ..core.registry import register_technique
 from ..core.technique import Technique, TechniqueConfig
 
@@ -209,16 +209,7 @@ class SelectiveBackprop:
 
     def install(self, trainer: Any) -> Patch:
         """Route a stock ``transformers.Trainer``'s training loss through ``loss``; returns the undo handle."""
-        original = trainer.compute_loss
-
-        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training and not return_outputs:
-                out = self.loss(model, inputs, original, num_items_in_batch)
-                if out is not None:
-                    return out
-            return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-        return patch_attr(trainer, "compute_loss", compute_loss)
+        return route_training_loss(trainer, self.loss)
 
     def fraction_backpropagated(self) -> float | None:
         seen = self.counts["examples_seen"]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...core.patching import Patch, patch_attr
+from ...core.patching import Patch, patch_attr, route_training_loss
 from ..selective_backprop import loss_shifts_labels
 
 logger = logging.getLogger(__name__)
@@ -263,16 +263,7 @@ class ChunkedCausalLMLoss:
 
     def install(self, trainer: Any) -> Patch:
         """Route a stock ``transformers.Trainer``'s training loss through ``loss``; returns the undo handle."""
-        original = trainer.compute_loss
-
-        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training and not return_outputs:
-                out = self.loss(model, inputs, num_items_in_batch, trainer)
-                if out is not None:
-                    return out
-            return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-        return patch_attr(trainer, "compute_loss", compute_loss)
+        return route_training_loss(trainer, lambda model, inputs, _, n: self.loss(model, inputs, n, trainer))
 
     def undo(self) -> None:
         self.patch.undo()

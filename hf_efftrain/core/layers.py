@@ -34,15 +34,20 @@ register_layer_policy("T5EncoderModel", {"encoder": "encoder.block"})
 register_layer_policy("BartModel", {"encoder": "encoder.layers", "decoder": "decoder.layers"})
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformer body: unwraps PEFT and DDP wrappers, then the task head (``PreTrainedModel.base_model``)."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT and DDP / DeepSpeed wrappers (the one with the head and the config)."""
     while True:
         if hasattr(model, "get_base_model"):  # peft.PeftModel
             model = model.get_base_model()
         elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engine
             model = model.module
         else:
-            break
+            return model
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer body: unwraps PEFT and DDP wrappers, then the task head (``PreTrainedModel.base_model``)."""
+    model = unwrap_model(model)
     return getattr(model, "base_model", model)
 
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..core.layers import unwrap_model
 from ..core.patching import Patch, route_training_loss
 from ..core.registry import register_technique
 from ..core.technique import Technique, TechniqueConfig
@@ -50,22 +51,12 @@ from ..core.technique import Technique, TechniqueConfig
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while True:
-        if hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP / DeepSpeed
-            model = model.module
-        else:
-            return model
-
-
 def loss_shifts_labels(model: torch.nn.Module) -> bool:
     """True when the model's loss predicts ``labels[t + 1]`` from position t (decoder-only LM heads)."""
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    m = _unwrap(model)
+    m = unwrap_model(model)
     if getattr(getattr(m, "config", None), "is_encoder_decoder", False):
         return False
     # GPT-2 style `*LMHeadModel` classes have no loss_type but are registered as causal LMs.

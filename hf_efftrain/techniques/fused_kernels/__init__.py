@@ -31,6 +31,7 @@ import torch
 from pydantic import Field, field_validator
 from transformers import TrainingArguments
 
+from ...core.layers import unwrap_model
 from ...core.registry import register_technique
 from ...core.technique import ORDER_WRAPPER, Env, Technique, TechniqueConfig
 from ...errors import MissingDependencyError, RecipeError
@@ -40,7 +41,6 @@ from .chunked import (  # noqa: F401  (re-exported: the functional core is impor
     chunked_linear_cross_entropy,
     default_chunk_size,
     head_problem,
-    unwrap,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class FusedKernelsTechnique(Technique):
 
     def on_model(self, model: torch.nn.Module) -> torch.nn.Module:
         self.model = model
-        model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+        model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
         if self.use_liger:
             supported = liger.supported_model_types()
             if model_type not in supported:
@@ -229,7 +229,7 @@ class FusedKernelsTechnique(Technique):
         if self.use_liger:
             out["liger_kernels"] = list(self.kernels)
             if self.model is not None:
-                out["liger_fused_loss_active"] = liger.liger_forward_active(unwrap(self.model))
+                out["liger_fused_loss_active"] = liger.liger_forward_active(unwrap_model(self.model))
         if self.core is not None:
             vocab = self.core.head.out_features
             out.update(

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...core.layers import unwrap_model
 from ...core.patching import Patch, patch_attr, route_training_loss
 from ..selective_backprop import loss_shifts_labels
 
@@ -41,17 +42,6 @@ IGNORE_INDEX = -100
 CHUNK_LOGITS = 1 << 24  # default chunk: 16M logits (64 MiB fp32) per chunk, e.g. 512 rows of a 32k vocabulary
 # config fields whose model forward transforms the logits after the head (Gemma 2/3 softcapping, Cohere, Granite)
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside PEFT and DDP / DeepSpeed wrappers (the one with the head and the config)."""
-    while True:
-        if hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP / DeepSpeed
-            model = model.module
-        else:
-            return model
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -135,7 +125,7 @@ def chunked_linear_cross_entropy(
 
 def head_problem(model: torch.nn.Module) -> str | None:
     """Why the chunked loss cannot stand in for ``model``'s own training loss (None: it can)."""
-    inner = unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     name = type(inner).__name__
     if getattr(config, "is_encoder_decoder", False) or not loss_shifts_labels(inner):
@@ -173,7 +163,7 @@ class ChunkedCausalLMLoss:
         problem = head_problem(model)
         if problem:
             raise ValueError(problem)
-        self.inner = unwrap(model)
+        self.inner = unwrap_model(model)
         self.head = self.inner.get_output_embeddings()
         self.chunk_size = chunk_size or default_chunk_size(self.head.out_features)
         self.calls = 0

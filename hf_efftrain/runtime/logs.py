@@ -11,6 +11,8 @@ def setup_logging() -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if rank == 0 else 60)
     # bitsandbytes warns at import that its optional `kernels` package is missing; its CPU paths work without it.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # With `kernels` installed (transformers 5.25 brings it), it warns that offline mode skips its hub trust check.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

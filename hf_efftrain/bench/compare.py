@@ -370,7 +370,8 @@ def render(
     machine = (extra or {}).get("machine")
     if machine:  # timing is only as good as the machine was quiet
         load = ", ".join(f"{machine[k][0]:.1f}" for k in ("loadavg_start", "loadavg_end"))
-        lines.append(f"- Machine: {machine['cpu_count']} CPUs, load average (1 min) at start and end {load}, "
+        cpu = f" ({machine['cpu']})" if machine.get("cpu") else ""
+        lines.append(f"- Machine: {machine['cpu_count']} CPUs{cpu}, load average (1 min) at start and end {load}, "
                      f"OMP_NUM_THREADS={machine.get('OMP_NUM_THREADS')}.")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     curves = {

@@ -163,6 +163,7 @@ def bench(
 ) -> dict[str, Any]:
     """Run a matrix; write results.json, results.md and plots into the out folder; return the results.
     ``overrides`` (``bench --set``) apply to every row and prepare run, after their own."""
+    from ..runtime.flops import cpu_description
     from .compare import render
 
     matrix = load_matrix(matrix_path)
@@ -228,6 +229,7 @@ def bench(
         "interrupted": interrupted,
         "machine": {
             "cpu_count": os.cpu_count(),
+            "cpu": cpu_description(),  # bf16 rows compare only between CPUs that both have (or lack) native bf16
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

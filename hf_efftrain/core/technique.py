@@ -39,6 +39,7 @@ class Env:
 
     cuda: bool = False
     bf16_supported: bool = True
+    cpu_bf16_native: bool = True  # bf16 matmuls at native speed on this CPU (runtime/flops.cpu_bf16_native)
     world_size: int = 1
     installed: frozenset[str] = field(default_factory=frozenset)
     # "DEEPSPEED" / "FSDP" under such an `accelerate launch`, else None; and the DeepSpeed config it will use.
@@ -52,12 +53,14 @@ class Env:
         import torch
 
         from ..runtime.distributed import deepspeed_config_of, engine_of
+        from ..runtime.flops import cpu_bf16_native
 
         cuda = torch.cuda.is_available()
         optional = ("flash_attn", "flash_attn_interface", "bitsandbytes", "deepspeed", "peft")
         return cls(
             cuda=cuda,
             bf16_supported=torch.cuda.is_bf16_supported() if cuda else True,
+            cpu_bf16_native=cpu_bf16_native(),
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
             installed=frozenset(p for p in optional if importlib.util.find_spec(p) is not None),
             distributed_type=engine_of(),

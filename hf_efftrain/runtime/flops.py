@@ -71,6 +71,21 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+def cpu_bf16_native() -> bool:
+    """True when torch runs bf16 matmuls on this CPU through oneDNN (AVX-512 or AMX on x86, bf16 on Arm); elsewhere
+    (an AVX2-only x86 CPU) it falls back to a reference kernel, seen here 70x slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def cpu_description() -> str:
+    """This CPU for a benchmark's notes: its model name, torch's SIMD level and whether bf16 is native."""
+    native = "native bf16" if cpu_bf16_native() else "no native bf16 (bf16 matmuls are emulated)"
+    return f"{_device_name(torch.device('cpu'))}, {torch.backends.cpu.get_cpu_capability()}, {native}"
+
+
 def _cuda_tf32_enabled() -> bool:
     matmul = torch.backends.cuda.matmul
     return bool(getattr(matmul, "allow_tf32", False)) or getattr(matmul, "fp32_precision", "") == "tf32"

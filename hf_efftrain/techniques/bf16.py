@@ -17,12 +17,13 @@ from pydantic import Field
 
 from ..core.registry import register_technique
 from ..core.technique import TechniqueConfig
-from .mixed_precision import MixedPrecisionConfig, MixedPrecisionTechnique
+from .mixed_precision import ONLY_IF_NATIVE, MixedPrecisionConfig, MixedPrecisionTechnique
 
 
 class Bf16Config(TechniqueConfig):
     name: Literal["bf16"] = "bf16"
     full_eval: bool = Field(False, description="Also evaluate with the whole model cast to bf16 (bf16_full_eval).")
+    only_if_native: bool = Field(False, description=ONLY_IF_NATIVE)
 
 
 @register_technique
@@ -39,4 +40,5 @@ class Bf16Technique(MixedPrecisionTechnique):
     config: Bf16Config
 
     def resolve(self) -> MixedPrecisionConfig:
-        return MixedPrecisionConfig(dtype="bf16", full_eval=self.config.full_eval)
+        fields = self.config.model_dump(include={"full_eval", "only_if_native"}, exclude_unset=True)
+        return MixedPrecisionConfig(dtype="bf16", **fields)

@@ -211,6 +211,12 @@ def fp8_problem(env: Env) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------- technique
+ONLY_IF_NATIVE = (
+    "bf16: train in fp32 instead (with a warning) where bf16 matmuls are not native: a CPU without AVX-512 or AMX, "
+    "where torch emulates them many times slower than fp32, or a GPU older than Ampere."
+)
+
+
 class MixedPrecisionConfig(TechniqueConfig):
     name: Literal["mixed_precision"] = "mixed_precision"
     dtype: Literal["bf16", "fp16", "fp8"] = Field(
@@ -225,6 +231,7 @@ class MixedPrecisionConfig(TechniqueConfig):
         "buffer) or nearest (plain; keeps the Trainer's own optimizer).",
     )
     full_eval: bool = Field(False, description="bf16/fp16: also evaluate with the whole model cast to that dtype.")
+    only_if_native: bool = Field(False, description=ONLY_IF_NATIVE)
     init_scale: float = Field(2.0**16, gt=0, description="fp16: initial dynamic loss scale.")
     growth_interval: int = Field(2000, ge=1, description="fp16: overflow-free steps before the loss scale doubles.")
     fp8_recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
@@ -235,6 +242,7 @@ class MixedPrecisionConfig(TechniqueConfig):
 
 _ONLY_FOR = {
     "pure_bf16": "bf16",
+    "only_if_native": "bf16",
     "init_scale": "fp16",
     "growth_interval": "fp16",
     "fp8_recipe": "fp8",
@@ -265,6 +273,11 @@ class MixedPrecisionTechnique(Technique):
     def __init__(self, config: TechniqueConfig | None = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.settings = self.resolve()
+        self.skipped: str | None = None  # why bf16 is off on this machine (only_if_native), set by validate
+
+    @property
+    def active(self) -> bool:
+        return self.skipped is None
 
     def resolve(self) -> MixedPrecisionConfig:
         """The full settings this technique runs with (the aliases fix the dtype)."""
@@ -280,7 +293,11 @@ class MixedPrecisionTechnique(Technique):
         if s.dtype == "fp16" and not env.cuda:
             # TrainingArguments accepts fp16 with use_cpu, but Accelerate then runs neither autocast nor a scaler.
             raise RecipeError(self.dtype_field, "fp16 mixed precision needs a CUDA GPU; use bf16 on CPU")
-        if s.dtype in ("bf16", "fp8") and env.cuda and not env.bf16_supported:
+        native = env.bf16_supported if env.cuda else env.cpu_bf16_native
+        self.skipped = None
+        if s.dtype == "bf16" and not native:
+            self._not_native(env)
+        if s.dtype in ("bf16", "fp8") and env.cuda and not env.bf16_supported and self.active:
             raise RecipeError(
                 self.dtype_field, "this GPU has no bf16 support (needs Ampere, compute capability 8.0+); use fp16"
             )
@@ -318,8 +335,25 @@ class MixedPrecisionTechnique(Technique):
                         "updates the bf16 weights as they are)",
                     )
 
+    def _not_native(self, env: Env) -> None:
+        """bf16 where its matmuls are emulated: skip it (only_if_native) or warn that it is slow here."""
+        from ..runtime.flops import cpu_description
+
+        device = "GPU (no bf16 before Ampere)" if env.cuda else f"CPU ({cpu_description()})"
+        if self.settings.only_if_native:
+            self.skipped = f"no native bf16 matmuls on this {device}; trained in fp32 (only_if_native: true)"
+            logger.warning("%s: %s", self.name, self.skipped)
+        elif not env.cuda:
+            logger.warning(
+                "%s: this CPU has no native bf16 matmuls (%s): torch emulates them, many times slower than fp32. "
+                "Remove %s for speed, or set only_if_native: true to train in fp32 where bf16 is emulated.",
+                self.name, cpu_description(), self.name,
+            )  # fmt: skip
+
     def on_model(self, model: torch.nn.Module) -> torch.nn.Module:
         s = self.settings
+        if not self.active:
+            return model
         if s.pure_bf16:
             return to_pure_bf16(model)
         if s.dtype == "fp8":
@@ -328,7 +362,7 @@ class MixedPrecisionTechnique(Technique):
 
     def training_args(self, args: TrainingArguments) -> TrainingArguments:
         s = self.settings
-        if s.pure_bf16:  # the weights themselves are bf16: no autocast needed
+        if s.pure_bf16 or not self.active:  # pure bf16: the weights themselves are bf16, no autocast needed
             return args
         return amp_training_args(args, "fp16" if s.dtype == "fp16" else "bf16", s.full_eval)
 
@@ -340,7 +374,7 @@ class MixedPrecisionTechnique(Technique):
 
     def optimizer_cls_and_kwargs(self, args: TrainingArguments) -> tuple[type, dict[str, Any]] | None:
         s = self.settings
-        if not s.pure_bf16 or s.update_rounding == "nearest":
+        if not s.pure_bf16 or s.update_rounding == "nearest" or not self.active:
             return None
         return BF16AdamW, {
             "lr": args.learning_rate,
@@ -357,4 +391,4 @@ class MixedPrecisionTechnique(Technique):
             set_loss_scaler(trainer.accelerator, s.init_scale, s.growth_interval)
 
     def report(self) -> dict[str, Any]:
-        return {"settings": self.settings.model_dump(mode="json")}
+        return {"settings": self.settings.model_dump(mode="json"), "skipped": self.skipped}

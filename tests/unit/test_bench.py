@@ -26,6 +26,7 @@ from hf_efftrain.bench.matrix import compose_prepare, compose_rows, load_matrix
 from hf_efftrain.cli import main
 from hf_efftrain.core.recipe import Recipe
 from hf_efftrain.errors import RecipeError
+from hf_efftrain.runtime.flops import cpu_description
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +105,8 @@ def test_bench_writes_rows_table_and_plots(bench_out):
     header = md.splitlines()[2]
     assert "| eval loss |" in header and header.endswith("| params_trainable | lr |")
     assert "- Prepared once before the rows (not in the table): `pre`, 2 steps" in md
+    # The CPU is named with torch's SIMD level and whether bf16 is native: bf16 rows mean little without it.
+    assert results["machine"]["cpu"] == cpu_description() and f"CPUs ({cpu_description()})" in md
     assert "| no_data | failed |" in md and "| unknown | failed |" in md and "`no_data` failed:" in md
     for name in ("loss_vs_time.png", "loss_vs_tokens.png", "memory.png"):
         assert (bench_out / name).read_bytes()[:8] == PNG_MAGIC

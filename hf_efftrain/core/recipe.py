@@ -225,6 +225,8 @@ def _format_errors(e: ValidationError, model_cls: type[BaseModel], prefix: str =
 def _message(err: dict) -> str:
     ctx, kind = err.get("ctx", {}), err["type"]
     got = f" (got {short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
+    if isinstance(err.get("input"), bool) and kind in ("enum", "literal_error", "string_type"):
+        got += "; YAML reads a bare yes/no/on/off as a boolean: quote it, e.g. 'no'"
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         limit = next(iter(ctx.values()))
@@ -361,4 +363,5 @@ def _expects_str(data: dict, parts: list[str]) -> bool:
 def _only_str(annotation: Any) -> bool:
     args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
     args = [a for a in args if a is not type(None)]
-    return bool(args) and all(a is str for a in args)
+    # A str Enum (save_strategy's IntervalStrategy, optim's OptimizerNames) takes its values as strings too.
+    return bool(args) and all(isinstance(a, type) and issubclass(a, str) for a in args)

@@ -144,16 +144,25 @@ def test_overrides_are_typed_like_their_field(tmp_path, tiny_recipe):
             "techniques.bf16.name=bf16",
             "model.config_overrides.num_hidden_layers=3",
             "training.disable_tqdm=false",
+            "training.save_strategy=no",  # a str Enum field: YAML would read a bare no as False
         ],
         output_dir=str(tmp_path / "elsewhere"),
     )
     assert recipe.training["max_steps"] == 11 and recipe.training["learning_rate"] == 2e-4
     assert recipe.training["disable_tqdm"] is False
+    assert recipe.training["save_strategy"] == "no"
     assert recipe.model.name_or_path == "123"
     assert recipe.model.config_overrides == {"num_hidden_layers": 3}
     assert recipe.techniques[0].weight_decay == 0.3 and recipe.techniques[0].beta1 == 0.8
     assert recipe.technique_names() == ["lion", "bf16"]
     assert recipe.output_dir == str(tmp_path / "elsewhere")
+
+
+def test_bare_yaml_no_for_a_string_field_says_to_quote_it(tmp_path, tiny_recipe):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe()).replace("seed: 0", "seed: 0\n  save_strategy: no"))
+    with pytest.raises(RecipeError, match=r"training.save_strategy: .*\(got False\); YAML reads a bare yes/no"):
+        load_recipe(path)
 
 
 def test_override_errors():

@@ -153,15 +153,27 @@ def head_bytes(
     compute_bytes: int,
     residual_bytes: int,
     norm: Norm = "rms",
+    loss_chunk: int | None = None,
+    head_trainable: bool = True,
 ) -> int:
     """Peak bytes of the final norm, the LM head and the cross-entropy loss at the start of the backward pass.
 
     HF computes the loss in fp32: log-softmax keeps its fp32 output, and the backward pass then holds that, the
     incoming gradient and the logits' gradient at once (three ``s*b*V`` fp32 tensors).
+
+    ``loss_chunk`` (fused_kernels: a chunked linear + cross-entropy that computes its gradients in the forward pass,
+    Wijmans et al. 2024, arXiv 2411.09009): one fp32 ``[chunk, V]`` logits buffer with its fp32 ``[chunk, h]`` input
+    and output rows, the stored ``dL/dh`` (``s*b*h`` in the hidden states' dtype) and, for a trainable head, an fp32
+    ``dL/dW`` (``V*h``); backward scales ``dL/dh`` into a second ``s*b*h``.
     """
     c, w = compute_bytes, residual_bytes
+    tokens = seq * batch
     norm_per_token = (4 * hidden + w * hidden if norm == "rms" else w * hidden) + c * hidden
-    return int((norm_per_token + 3 * 4 * vocab) * seq * batch)
+    if loss_chunk is None:
+        return int((norm_per_token + 3 * 4 * vocab) * tokens)
+    grad_h = w * hidden * tokens
+    forward = 4 * min(loss_chunk, tokens) * (vocab + 2 * hidden) + grad_h
+    return int(norm_per_token * tokens + max(forward, 2 * grad_h) + (4 * vocab * hidden if head_trainable else 0))
 
 
 def activation_bytes(
@@ -177,6 +189,8 @@ def activation_bytes(
     checkpointing: bool = False,
     checkpoint_every: int = 1,
     mask_bytes: int = 1,
+    loss_chunk: int | None = None,
+    head_trainable: bool = True,
 ) -> dict[str, int]:
     """``{"layers": ..., "head": ...}``: peak activation bytes of the blocks and of the LM head + loss.
 
@@ -189,8 +203,9 @@ def activation_bytes(
         mask_bytes=mask_bytes,
     )  # fmt: skip
     head = head_bytes(
-        shape.hidden, vocab, seq, batch, compute_bytes=compute_bytes, residual_bytes=residual_bytes, norm=shape.norm
-    )
+        shape.hidden, vocab, seq, batch, compute_bytes=compute_bytes, residual_bytes=residual_bytes, norm=shape.norm,
+        loss_chunk=loss_chunk, head_trainable=head_trainable,
+    )  # fmt: skip
     if not checkpointing:
         return {"layers": layers * one, "head": head}
     checkpointed = layers // max(checkpoint_every, 1)

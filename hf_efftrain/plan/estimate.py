@@ -105,7 +105,8 @@ def estimate(model: ModelSpec, s: Setup) -> Estimate:
 
     hidden = model.shape.hidden
     if not s.adapter and mixed and residual == 4:
-        device["16-bit weight copies (autocast)"] = (model.block_linear_params + model.vocab * hidden) * 2
+        head = 0 if s.fused_loss == "chunked" else model.vocab * hidden  # the chunked loss computes the head in fp32
+        device["16-bit weight copies (autocast)"] = (model.block_linear_params + head) * 2
     if s.strategy == "ddp" and s.num_gpus > 1:
         device["DDP gradient buckets"] = trainable * gb  # gradient_as_bucket_view=False: a second copy
     if stage >= 3:  # the block being computed and the prefetched next one, plus the LM head, gathered in 16-bit
@@ -118,7 +119,7 @@ def estimate(model: ModelSpec, s: Setup) -> Estimate:
     acts = activation_bytes(
         model.shape, model.layers, s.seq_len, s.batch, vocab=model.vocab, compute_bytes=c, residual_bytes=residual,
         attention=attention, checkpointing=s.checkpointing, checkpoint_every=s.checkpoint_every,
-        mask_bytes=1 if s.device == "cuda" else c,
+        mask_bytes=1 if s.device == "cuda" else c, loss_chunk=s.loss_chunk, head_trainable=not s.adapter,
     )  # fmt: skip
     device["activations (blocks)"] = acts["layers"]
     device["activations (LM head + loss)"] = acts["head"]
@@ -179,7 +180,15 @@ def _candidates(model: ModelSpec, s: Setup) -> list[tuple[str, Any]]:
     def offload_all(x: Setup) -> Setup | None:
         return None if x.offload_params else x.changed(strategy="zero3", offload_optimizer=True, offload_params=True)
 
+    def fused(x: Setup) -> Setup | None:
+        if x.fused_loss:
+            return None
+        from ..techniques.fused_kernels import default_chunk_size
+
+        return x.changed(fused_loss="chunked", loss_chunk=default_chunk_size(model.vocab))
+
     return [
+        ("fused_kernels (chunked linear + cross-entropy: no full logits)", fused),
         ("gradient checkpointing", lambda x: None if x.checkpointing else x.changed(checkpointing=True)),
         (
             "8-bit optimizer states (bitsandbytes)",

@@ -76,6 +76,10 @@ class Setup:
     lora_rank: int = 8
     lora_targets: tuple[str, ...] | str | None = None
     device: Literal["cuda", "cpu"] = "cuda"
+    # fused_kernels: tokens per chunk of the fused linear + cross-entropy (no [tokens, vocab] logits); liger's
+    # runs its head in the compute dtype, the torch one ("chunked") in fp32. None: the model's own head and loss.
+    loss_chunk: int | None = None
+    fused_loss: Literal["chunked", "liger"] | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def changed(self, **kwargs: Any) -> Setup:
@@ -253,6 +257,7 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     every = 1
     attention = recipe.model.attn_implementation or _default_attention(config)
     adapter, rank, targets = None, 8, None
+    fused = None
     for name, cfg in techniques.items():
         if name in ("bf16", "fp16"):
             precision = name
@@ -276,6 +281,9 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
                 notes.append(f"peft method {cfg.get('method')!r} counted as LoRA")
         elif name == "quantized_base":
             adapter = "qlora" if int(cfg.get("bits") or 4) == 4 else "int8"
+        elif name == "fused_kernels":
+            fused = _fused_loss(cfg, config, device)
+            notes.append(f"fused_kernels: {fused} linear + cross-entropy, no [tokens, vocab] logits")
         elif name == "activation_offload":
             notes.append("activation_offload moves saved activations to host memory: device activations are lower")
     attention = "flash" if str(attention).startswith("flash") else attention
@@ -297,9 +305,36 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
         lora_rank=rank,
         lora_targets=tuple(targets) if isinstance(targets, list) else targets,
         device=device,
+        fused_loss=fused,
         notes=tuple(notes),
     )
+    if fused:
+        setup = setup.changed(loss_chunk=loss_chunk(setup, fused, config, techniques["fused_kernels"]))
     return config, setup
+
+
+def _fused_loss(cfg: dict, config: Any, device: str) -> Literal["chunked", "liger"]:
+    """Which fused loss fused_kernels runs (its ``backend: auto``: liger on CUDA where installed and patching)."""
+    from ..techniques.fused_kernels import liger
+
+    backend = cfg.get("backend", "auto")
+    if backend == "auto":
+        ok = device == "cuda" and liger.liger_available()
+        backend = "liger" if ok and getattr(config, "model_type", None) in liger.supported_model_types() else "torch"
+    kernels = cfg.get("kernels")
+    liger_loss = backend == "liger" and (kernels is None or "fused_linear_cross_entropy" in kernels)
+    return "liger" if liger_loss else "chunked"
+
+
+def loss_chunk(s: Setup, fused: str, config: Any, cfg: dict | None = None) -> int:
+    """Tokens per logits chunk: fused_kernels' ``chunk_size`` (default 16M logits / vocab), or for liger its own
+    next_power_of_2(ceil(tokens / ceil(V / h)))."""
+    from ..techniques.fused_kernels import default_chunk_size
+
+    vocab, hidden = int(config.vocab_size), int(config.hidden_size)
+    if fused == "liger":
+        return 1 << max(0, math.ceil(s.seq_len * s.batch / math.ceil(vocab / hidden)) - 1).bit_length()
+    return int((cfg or {}).get("chunk_size") or default_chunk_size(vocab))
 
 
 def _default_attention(config: Any) -> str:

@@ -19,6 +19,7 @@ from hf_efftrain.errors import RecipeError
 from hf_efftrain.plan.activations import (
     LayerShape,
     activation_bytes,
+    head_bytes,
     korthikanti_layer_bytes,
     layer_bytes,
     tensor_parallel_fraction,
@@ -445,3 +446,104 @@ def test_moments_table_covers_cli_choices():
     from hf_efftrain.plan.inputs import OPTIMIZERS
 
     assert set(OPTIMIZERS) == set(MOMENTS)
+
+
+# ------------------------------------------------------------------------------------------------ fused_kernels
+def test_fused_loss_head_keeps_one_chunk_not_the_logits():
+    """fused_kernels' chunked loss: the head holds one fp32 [chunk, V] buffer, dL/dh and (trainable head) fp32 dL/dW,
+    instead of three [tokens, V] fp32 tensors."""
+    h, v, s, b = 2048, 32768, 2048, 8
+    kw = {"compute_bytes": 2, "residual_bytes": 4}
+    full = head_bytes(h, v, s, b, **kw)
+    fused = head_bytes(h, v, s, b, loss_chunk=512, **kw)
+    norm = (4 * h + 4 * h + 2 * h) * s * b
+    assert full == norm + 3 * 4 * v * s * b
+    grad_h = 4 * h * s * b
+    assert fused == norm + max(4 * 512 * (v + 2 * h) + grad_h, 2 * grad_h) + 4 * v * h
+    assert fused < full / 6  # 0.87 GB against 6.8 GB
+    assert head_bytes(h, v, s, b, loss_chunk=512, head_trainable=False, **kw) == fused - 4 * v * h  # LoRA: frozen
+
+
+def test_recipe_with_fused_kernels_plans_the_chunked_loss(tmp_path, tiny_recipe):
+    from hf_efftrain.core.recipe import Recipe
+    from hf_efftrain.plan.inputs import loss_chunk, setup_from_recipe
+
+    model = {"name_or_path": "builtin:tiny-llama", "config_overrides": {"vocab_size": 32768}}
+    plain = Recipe.parse(tiny_recipe(model=model))
+    fused = Recipe.parse(tiny_recipe(model=model, techniques=[{"name": "fused_kernels"}]))
+    config, with_fused = setup_from_recipe(fused, device="cpu")
+    _, without = setup_from_recipe(plain, device="cpu")
+    assert (with_fused.fused_loss, with_fused.loss_chunk) == ("chunked", (1 << 24) // 32768)
+    assert without.loss_chunk is None and any("fused_kernels" in n for n in with_fused.notes)
+    spec = model_from_config(config)
+    assert (
+        estimate(spec, with_fused).device["activations (LM head + loss)"]
+        < estimate(spec, without).device["activations (LM head + loss)"]
+    )
+    # Liger sizes its chunk from the shape: next_power_of_2(ceil(tokens / ceil(V / h))).
+    big = type("C", (), {"vocab_size": 32768, "hidden_size": 2048})()
+    assert loss_chunk(Setup(seq_len=2048, batch=8), "liger", big) == 1024
+    assert loss_chunk(Setup(seq_len=1000, batch=3), "liger", big) == 256  # ceil(3000 / 16) = 188 -> 256
+
+
+def test_cheapest_fit_offers_fused_kernels_first_when_the_logits_dominate():
+    model = model_from_count(int(1e9), vocab=128256)
+    base = Setup(seq_len=8192, batch=4)
+    fit = cheapest_fit(model, base, estimate(model, base).peak * 0.8)
+    assert fit is not None and fit["changes"][0].startswith("fused_kernels")
+
+
+_MEASURE_BUILT = textwrap.dedent(
+    """
+    import gc, json, sys
+    from hf_efftrain.core.build import build
+    from hf_efftrain.core.recipe import load_recipe
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    out = {}
+    for path in sys.argv[1:]:
+        built = build(load_recipe(path))  # EffTrainer: fused_kernels routes the training loss
+        gc.collect()
+        base = status("VmRSS")  # the model exists already: what training adds on top
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        built.trainer.train()
+        out[path] = status("VmHWM") - base
+        del built
+        gc.collect()
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_predicted_fused_kernels_saving_matches_measured(tmp_path, tiny_recipe):
+    """A vocabulary of 32k on a 2-layer, hidden-128 Llama: the logits and their fp32 copies are most of the memory.
+    The prediction (less the weights, which exist before training) within 25% of what training adds, with and
+    without fused_kernels."""
+    shape = {"vocab_size": 32768, "num_hidden_layers": 2}
+    runs = (
+        ("full", "sdpa", [{"name": "packing"}]),
+        ("fused", "sdpa", [{"name": "packing"}, {"name": "fused_kernels"}]),
+    )
+    paths = _write_recipes(tmp_path, tiny_recipe, shape, runs, per_device_train_batch_size=8, use_cpu=True,
+                           max_steps=2)  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", _MEASURE_BUILT, *paths], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    measured = json.loads(res.stdout.strip().splitlines()[-1])
+    predicted = {}
+    for p in paths:
+        from hf_efftrain.cli import _parser
+        from hf_efftrain.plan.report import plan_from_args
+
+        plan = plan_from_args(_parser().parse_args(["plan", p, "--device", "cpu"]))
+        predicted[p] = plan["peak_bytes"] - plan["device_bytes"]["weights"]
+    for p in paths:
+        assert predicted[p] == pytest.approx(measured[p], rel=0.25), (p, predicted[p], measured[p])
+    full, fused = paths
+    assert measured[fused] < 0.4 * measured[full] and predicted[fused] < 0.4 * predicted[full]

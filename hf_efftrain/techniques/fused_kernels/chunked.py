@@ -70,6 +70,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 s = z.sum(1, keepdim=True)
                 total += (m.squeeze(1) + s.squeeze(1).log() - z_y).sum()
                 if grad_h is None and grad_w is None and grad_b is None:
+                    del z  # before the next chunk's buffer is made: one [c, V] at a time, not two
                     continue
                 z.div_(s)  # softmax
                 z.scatter_add_(1, y[:, None], z.new_full((len(y), 1), -1.0))  # softmax - onehot
@@ -79,6 +80,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(z.t(), h)
                 if grad_b is not None:
                     grad_b += z.sum(0)
+                del z
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total

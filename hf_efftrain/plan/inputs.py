@@ -257,7 +257,7 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     every = 1
     attention = recipe.model.attn_implementation or _default_attention(config)
     adapter, rank, targets = None, 8, None
-    fused = None
+    fused: dict | None = None
     for name, cfg in techniques.items():
         if name in ("bf16", "fp16"):
             precision = name
@@ -282,8 +282,7 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
         elif name == "quantized_base":
             adapter = "qlora" if int(cfg.get("bits") or 4) == 4 else "int8"
         elif name == "fused_kernels":
-            fused = _fused_loss(cfg, config, device)
-            notes.append(f"fused_kernels: {fused} linear + cross-entropy, no [tokens, vocab] logits")
+            fused = cfg  # its loss chunk depends on the batch shape: set below
         elif name == "activation_offload":
             notes.append("activation_offload moves saved activations to host memory: device activations are lower")
     attention = "flash" if str(attention).startswith("flash") else attention
@@ -305,36 +304,16 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
         lora_rank=rank,
         lora_targets=tuple(targets) if isinstance(targets, list) else targets,
         device=device,
-        fused_loss=fused,
         notes=tuple(notes),
     )
-    if fused:
-        setup = setup.changed(loss_chunk=loss_chunk(setup, fused, config, techniques["fused_kernels"]))
+    if fused is not None:
+        from ..techniques.fused_kernels import planned_loss
+
+        shape = (setup.seq_len * setup.batch, int(config.vocab_size), int(config.hidden_size))
+        kind, chunk = planned_loss(fused, getattr(config, "model_type", None), device == "cuda", *shape)
+        note = f"fused_kernels: {kind} linear + cross-entropy in chunks of {chunk} tokens, no [tokens, vocab] logits"
+        setup = setup.changed(fused_loss=kind, loss_chunk=chunk, notes=(*setup.notes, note))
     return config, setup
-
-
-def _fused_loss(cfg: dict, config: Any, device: str) -> Literal["chunked", "liger"]:
-    """Which fused loss fused_kernels runs (its ``backend: auto``: liger on CUDA where installed and patching)."""
-    from ..techniques.fused_kernels import liger
-
-    backend = cfg.get("backend", "auto")
-    if backend == "auto":
-        ok = device == "cuda" and liger.liger_available()
-        backend = "liger" if ok and getattr(config, "model_type", None) in liger.supported_model_types() else "torch"
-    kernels = cfg.get("kernels")
-    liger_loss = backend == "liger" and (kernels is None or "fused_linear_cross_entropy" in kernels)
-    return "liger" if liger_loss else "chunked"
-
-
-def loss_chunk(s: Setup, fused: str, config: Any, cfg: dict | None = None) -> int:
-    """Tokens per logits chunk: fused_kernels' ``chunk_size`` (default 16M logits / vocab), or for liger its own
-    next_power_of_2(ceil(tokens / ceil(V / h)))."""
-    from ..techniques.fused_kernels import default_chunk_size
-
-    vocab, hidden = int(config.vocab_size), int(config.hidden_size)
-    if fused == "liger":
-        return 1 << max(0, math.ceil(s.seq_len * s.batch / math.ceil(vocab / hidden)) - 1).bit_length()
-    return int((cfg or {}).get("chunk_size") or default_chunk_size(vocab))
 
 
 def _default_attention(config: Any) -> str:

@@ -466,7 +466,8 @@ def test_fused_loss_head_keeps_one_chunk_not_the_logits():
 
 def test_recipe_with_fused_kernels_plans_the_chunked_loss(tmp_path, tiny_recipe):
     from hf_efftrain.core.recipe import Recipe
-    from hf_efftrain.plan.inputs import loss_chunk, setup_from_recipe
+    from hf_efftrain.plan.inputs import setup_from_recipe
+    from hf_efftrain.techniques.fused_kernels.liger import loss_chunk
 
     model = {"name_or_path": "builtin:tiny-llama", "config_overrides": {"vocab_size": 32768}}
     plain = Recipe.parse(tiny_recipe(model=model))
@@ -481,9 +482,9 @@ def test_recipe_with_fused_kernels_plans_the_chunked_loss(tmp_path, tiny_recipe)
         < estimate(spec, without).device["activations (LM head + loss)"]
     )
     # Liger sizes its chunk from the shape: next_power_of_2(ceil(tokens / ceil(V / h))).
-    big = type("C", (), {"vocab_size": 32768, "hidden_size": 2048})()
-    assert loss_chunk(Setup(seq_len=2048, batch=8), "liger", big) == 1024
-    assert loss_chunk(Setup(seq_len=1000, batch=3), "liger", big) == 256  # ceil(3000 / 16) = 188 -> 256
+    assert loss_chunk(2048 * 8, 32768, 2048) == 1024
+    assert loss_chunk(3000, 32768, 2048) == 256  # ceil(3000 / 16) = 188 -> 256
+    assert loss_chunk(1, 32768, 2048) == 1
 
 
 def test_cheapest_fit_offers_fused_kernels_first_when_the_logits_dominate():

@@ -36,6 +36,11 @@ def supported_model_types() -> list[str]:
     return sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)
 
 
+def loss_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk of liger's fused linear cross-entropy: next_power_of_2(ceil(tokens / ceil(V / h)))."""
+    return 1 << max(0, -(-tokens // -(-vocab // hidden)) - 1).bit_length()
+
+
 def kernel_config(kernels: tuple[str, ...]) -> dict[str, bool]:
     """``TrainingArguments.liger_kernel_config``: every switch explicit (liger's defaults differ per model)."""
     return {**{k: k in kernels for k in KERNELS}, "cross_entropy": False}

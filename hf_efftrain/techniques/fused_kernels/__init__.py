@@ -58,21 +58,6 @@ def full_logits_user(entry: Any) -> tuple[str, str] | None:
     return None
 
 
-def planned_loss(
-    entry: dict[str, Any], model_type: str | None, cuda: bool, tokens: int, vocab: int, hidden: int
-) -> tuple[Literal["chunked", "liger"], int]:
-    """For ``hf-efftrain plan``: which loss a recipe's entry runs (``backend: auto`` as ``validate`` resolves it) and
-    its rows per ``[chunk, vocab]`` logits chunk."""
-    backend = entry.get("backend", "auto")
-    if backend == "auto":
-        usable = cuda and liger.liger_available() and model_type in liger.supported_model_types()
-        backend = "liger" if usable else "torch"
-    kernels = entry.get("kernels")
-    if backend == "liger" and (kernels is None or "fused_linear_cross_entropy" in kernels):
-        return "liger", liger.loss_chunk(tokens, vocab, hidden)
-    return "chunked", int(entry.get("chunk_size") or default_chunk_size(vocab))
-
-
 class FusedKernelsConfig(TechniqueConfig):
     name: Literal["fused_kernels"] = "fused_kernels"
     backend: Literal["auto", "liger", "torch"] = Field(
@@ -264,3 +249,17 @@ __all__ = [
     "chunked_linear_cross_entropy",
     "full_logits_user",
 ]
+
+
+def planned_loss(
+    entry: dict[str, Any], model_type: str | None, cuda: bool, tokens: int, vocab: int, hidden: int
+) -> tuple[Literal["chunked", "liger"], int]:
+    """For ``hf-efftrain plan``: which loss a recipe's entry runs (``backend: auto`` resolved as ``validate`` and
+    ``on_model`` resolve it) and its rows per ``[chunk, vocab]`` logits chunk."""
+    technique = FusedKernelsTechnique(FusedKernelsConfig(**entry))
+    backend = technique.config.backend
+    usable = cuda and liger.liger_available() and model_type in liger.supported_model_types()
+    technique.use_liger = backend == "liger" or (backend == "auto" and usable)
+    if technique.liger_loss:
+        return "liger", liger.loss_chunk(tokens, vocab, hidden)
+    return "chunked", technique.config.chunk_size or default_chunk_size(vocab)

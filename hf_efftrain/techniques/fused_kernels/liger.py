@@ -11,6 +11,7 @@ placed the model on its device and unwrapped PEFT; with ``use_liger_kernel`` its
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 
 # The switches of liger's apply_liger_kernel_to_<model_type>(...) functions (each takes the ones it has;
@@ -38,7 +39,8 @@ def supported_model_types() -> list[str]:
 
 def loss_chunk(tokens: int, vocab: int, hidden: int) -> int:
     """Rows per chunk of liger's fused linear cross-entropy: next_power_of_2(ceil(tokens / ceil(V / h)))."""
-    return 1 << max(0, -(-tokens // -(-vocab // hidden)) - 1).bit_length()
+    rows = math.ceil(tokens / math.ceil(vocab / hidden))
+    return 1 << max(0, rows - 1).bit_length()
 
 
 def kernel_config(kernels: tuple[str, ...]) -> dict[str, bool]:

@@ -242,6 +242,7 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     from ..builtins import is_builtin
     from ..core.build import load_tokenizer
     from ..core.model_loading import load_config
+    from ..runtime.flops import bf16_native
 
     training = recipe.training
     # Only a builtin: config takes its vocabulary from the tokenizer; a config.json alone sizes any other model.
@@ -264,6 +265,9 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
         elif name == "mixed_precision":
             precision = "fp16" if cfg.get("dtype") == "fp16" else "bf16"
             pure = pure or bool(cfg.get("pure_bf16"))
+        if cfg.get("only_if_native") and not bf16_native(device == "cuda"):
+            precision = "fp32"  # as the technique does at run time (mixed_precision._not_native)
+            notes.append(f"{name} only_if_native: planned in fp32, bf16 matmuls are not native on this {device}")
         elif name == "gradient_checkpointing":
             ckpt, every = True, int(cfg.get("every_n_layers") or 1)
         elif name == "lion":

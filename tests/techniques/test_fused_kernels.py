@@ -2,13 +2,15 @@
 cross-entropy equals torch's loss and gradients (fp32: atol 1e-5 / rtol 1e-5 on values of order 1e-2 to 10), the
 model-level loss equals the stock Trainer's (ignore_index, padding, num_items_in_batch under gradient accumulation,
 frozen / tied head, LoRA, MoE aux loss, bf16 autocast), no [tokens, vocab] tensor is ever allocated at vocab 32k,
-the refused combinations, the Liger wiring (mocked package) and a recipe run."""
+one [chunk, vocab] buffer alive at a time, the refused combinations, the Liger wiring (mocked package) and a recipe
+run."""
 
 from __future__ import annotations
 
 import functools
 import sys
 import types
+import weakref
 from functools import partial
 
 import pydantic
@@ -51,6 +53,42 @@ class LargestAllocation(TorchDispatchMode):
             if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
                 if t.untyped_storage().nbytes() > self.largest:
                     self.largest, self.op = t.untyped_storage().nbytes(), func
+        return out
+
+
+class PeakLive(TorchDispatchMode):
+    """The peak of the bytes alive at once in the storages ops make while active. A storage is freed when the last
+    tensor on it made under the mode dies (a weakref finalizer: a tensor autograd still holds keeps its Python object,
+    so it counts as alive); views of tensors made before the mode cost nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict[int, list[int]] = {}  # storage pointer -> [tensors alive on it, bytes]
+
+    def _release(self, ptr: int) -> None:
+        entry = self.refs[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= self.refs.pop(ptr)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in flat if torch.is_tensor(t)}
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not torch.is_tensor(t):
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in self.refs:
+                self.refs[ptr][0] += 1
+            elif ptr in inputs:
+                continue
+            else:
+                self.refs[ptr] = [1, t.untyped_storage().nbytes()]
+                self.live += self.refs[ptr][1]
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, ptr)
         return out
 
 
@@ -116,6 +154,22 @@ def test_frozen_head_gets_no_weight_gradient_and_no_vocab_by_hidden_buffer():
         total.backward()
     assert seen.largest <= 5 * 4096 * 4  # one chunk of logits; a dW buffer would be 4096 * 16 * 4 (larger)
     torch.testing.assert_close(h.grad, *torch.autograd.grad(F.cross_entropy(h @ w.t(), y, reduction="sum"), h), **TOL)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_one_chunk_of_logits_alive_at_a_time(grad):
+    """Peak live memory is one [chunk, V] fp32 buffer (16 MiB) plus dW (2 MiB): a chunk kept alive while the next
+    one is made (no ``del z``) would show 32 MiB."""
+    vocab, hidden, tokens, chunk = 32768, 16, 1024, 128
+    h = torch.randn(tokens, hidden, requires_grad=grad)
+    w = torch.randn(vocab, hidden, requires_grad=grad)
+    y = torch.randint(0, vocab, (tokens,))
+    one = chunk * vocab * 4
+    with torch.set_grad_enabled(grad), PeakLive() as seen:
+        total, _ = chunked_linear_cross_entropy(h, w, None, y, chunk_size=chunk)
+        if grad:
+            total.backward()
+    assert one <= seen.peak < one + vocab * hidden * 4 + one // 4, seen.peak / 2**20
 
 
 # ---- the model-level loss -------------------------------------------------------------------------------------

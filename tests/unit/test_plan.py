@@ -487,6 +487,21 @@ def test_recipe_with_fused_kernels_plans_the_chunked_loss(tmp_path, tiny_recipe)
     assert loss_chunk(1, 32768, 2048) == 1
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_only_if_native_bf16_is_planned_as_it_will_run(monkeypatch, tiny_recipe, native):
+    """bf16 with only_if_native trains in fp32 where bf16 matmuls are emulated: the plan must say fp32 there too."""
+    from hf_efftrain.core.recipe import Recipe
+    from hf_efftrain.plan.inputs import setup_from_recipe
+
+    monkeypatch.setattr("hf_efftrain.runtime.flops.cpu_bf16_native", lambda: native)
+    for entry in ({"name": "bf16", "only_if_native": True}, {"name": "mixed_precision", "only_if_native": True}):
+        _, setup = setup_from_recipe(Recipe.parse(tiny_recipe(techniques=[entry])), device="cpu")
+        assert setup.precision == ("bf16" if native else "fp32")
+        assert any("only_if_native" in n for n in setup.notes) is not native
+    _, always = setup_from_recipe(Recipe.parse(tiny_recipe(techniques=[{"name": "bf16"}])), device="cpu")
+    assert always.precision == "bf16"  # without the field, bf16 runs (emulated) and is planned as such
+
+
 def test_cheapest_fit_offers_fused_kernels_first_when_the_logits_dominate():
     model = model_from_count(int(1e9), vocab=128256)
     base = Setup(seq_len=8192, batch=4)

@@ -25,7 +25,7 @@ from .model_loading import (
     model_kwargs,
 )
 from .recipe import Recipe
-from .recipe_checks import check_attention_env
+from .recipe_checks import check_attention_env, check_dtype_env
 from .registry import get_technique
 from .technique import Env, Technique
 
@@ -100,6 +100,7 @@ def make_techniques(recipe: Recipe, env: Env | None = None) -> list[Technique]:
             raise RecipeError(f"techniques[{i}]" + (f".{e.path}" if e.path else ""), e.message) from None
         techniques.append(technique)
     check_attention_env(recipe.model.attn_implementation, env)
+    check_dtype_env(recipe, env)
     return sorted(techniques, key=lambda t: t.order)
 
 

@@ -4,12 +4,13 @@ number checks, and field paths that stay on one line whatever the keys are.
 Everything here turns malformed input into a ``RecipeError`` naming the file or field, so that neither PyYAML's
 nor Python's own exceptions (RecursionError, ValueError for a date like 2024-13-45) reach the user. Also here: the
 ``training`` fields that have one home elsewhere (``REFUSED_TRAINING``), ``model.attn_implementation``, checked
-against what the installed transformers accepts, and ``training.torch_compile`` with the technique settings it cannot
-train (``check_compile``).
+against what the installed transformers accepts, ``model.dtype`` bfloat16 on a CPU that emulates bf16 (a warning), and
+``training.torch_compile`` with the technique settings it cannot train (``check_compile``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ import yaml
 
 from ..errors import MissingDependencyError, RecipeError
 from .technique import Env
+
+logger = logging.getLogger(__name__)
 
 # Hostile-input limits: torch and numpy hold integers in int64; a recipe is a small file of a few hundred values.
 INT64_MAX = 2**63 - 1
@@ -224,6 +227,18 @@ def check_attention_env(name: str | None, env: Env, path: str = "model.attn_impl
             raise MissingDependencyError(path, FLASH_PACKAGES[base], "flash")
     if base == "flex_attention" and not env.cuda:
         raise RecipeError(path, "flex_attention has no backward pass on CPU; use sdpa or a GPU")
+
+
+def check_dtype_env(recipe: Any, env: Env) -> None:
+    """16-bit weights on a CPU that emulates bf16 matmuls: a warning (the bf16 techniques give their own)."""
+    if recipe.model.dtype == "bfloat16" and not env.cuda and not env.cpu_bf16_native:
+        if not {"bf16", "mixed_precision"} & set(recipe.technique_names()):
+            from ..runtime.flops import cpu_description
+
+            logger.warning(
+                "model.dtype bfloat16: this CPU has no native bf16 matmuls (%s), so training computes in emulated "
+                "bf16, many times slower than fp32; use model.dtype float32 here for speed.", cpu_description(),
+            )  # fmt: skip
 
 
 # ---- training.torch_compile -----------------------------------------------------------------------------------

@@ -260,14 +260,12 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     adapter, rank, targets = None, 8, None
     fused: dict | None = None
     for name, cfg in techniques.items():
-        if name in ("bf16", "fp16"):
-            precision = name
-        elif name == "mixed_precision":
-            precision = "fp16" if cfg.get("dtype") == "fp16" else "bf16"
+        if name in ("bf16", "fp16", "mixed_precision"):  # the aliases' entries have no dtype field
+            precision = "fp16" if cfg.get("dtype", name) == "fp16" else "bf16"
             pure = pure or bool(cfg.get("pure_bf16"))
-        if cfg.get("only_if_native") and not bf16_native(device == "cuda"):
-            precision = "fp32"  # as the technique does at run time (mixed_precision._not_native)
-            notes.append(f"{name} only_if_native: planned in fp32, bf16 matmuls are not native on this {device}")
+            if cfg.get("only_if_native") and not bf16_native(device == "cuda"):
+                precision = "fp32"  # as the technique does at run time (mixed_precision._not_native)
+                notes.append(f"{name} only_if_native: planned in fp32, bf16 matmuls are not native on this {device}")
         elif name == "gradient_checkpointing":
             ckpt, every = True, int(cfg.get("every_n_layers") or 1)
         elif name == "lion":

@@ -288,6 +288,9 @@ class MixedPrecisionTechnique(Technique):
         for key, dtype in _ONLY_FOR.items():
             if key in s.model_fields_set and s.dtype != dtype:
                 raise RecipeError(key, f"only used with dtype {dtype}, not {s.dtype}; remove it")
+        if s.only_if_native and recipe is not None and recipe.model.dtype in ("bfloat16", "float16"):
+            raise RecipeError("only_if_native", f"model.dtype {recipe.model.dtype} computes in 16-bit on any machine: "
+                              "there is no fp32 to fall back to; remove only_if_native or model.dtype")  # fmt: skip
         if "update_rounding" in s.model_fields_set and not s.pure_bf16:
             raise RecipeError("update_rounding", "only used with pure_bf16: true; remove it")
         if s.dtype == "fp16" and not env.cuda:

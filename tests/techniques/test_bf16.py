@@ -107,3 +107,26 @@ def test_only_if_native_skips_pure_bf16_and_old_gpus():
 def test_env_detects_native_cpu_bf16():
     assert Env.detect().cpu_bf16_native == cpu_bf16_native()
     assert "bf16" in cpu_description() and torch.backends.cpu.get_cpu_capability() in cpu_description()
+
+
+def test_only_if_native_is_refused_with_16_bit_weights(tiny_recipe):
+    """model.dtype bfloat16 computes in bf16 whatever the machine: there is no fp32 run to fall back to."""
+    recipe = Recipe.parse(
+        tiny_recipe(model={"dtype": "bfloat16"}, techniques=[{"name": "bf16", "only_if_native": True}])
+    )
+    for env in (EMULATED, Env(cuda=False, cpu_bf16_native=True)):  # refused on every machine: the recipe is portable
+        with pytest.raises(RecipeError, match="model.dtype bfloat16") as err:
+            build(recipe, env)
+        assert err.value.path == "techniques[0].only_if_native"
+
+
+@pytest.mark.parametrize("techniques", [[], [{"name": "bf16"}]])
+def test_bf16_weights_on_an_emulating_cpu_warn_once(tiny_recipe, caplog, techniques):
+    recipe = Recipe.parse(tiny_recipe(model={"dtype": "bfloat16"}, techniques=techniques))
+    with caplog.at_level("WARNING"):
+        build(recipe, EMULATED)
+    assert caplog.text.count("no native bf16 matmuls") == 1  # model.dtype's, or the technique's: not both
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build(recipe, Env(cuda=False, cpu_bf16_native=True))
+    assert "no native bf16" not in caplog.text

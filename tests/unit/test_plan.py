@@ -494,9 +494,11 @@ def test_only_if_native_bf16_is_planned_as_it_will_run(monkeypatch, tiny_recipe,
     from hf_efftrain.plan.inputs import setup_from_recipe
 
     monkeypatch.setattr("hf_efftrain.runtime.flops.cpu_bf16_native", lambda: native)
-    for entry in ({"name": "bf16", "only_if_native": True}, {"name": "mixed_precision", "only_if_native": True}):
+    pure = {"name": "mixed_precision", "pure_bf16": True, "update_rounding": "nearest", "only_if_native": True}
+    for entry in ({"name": "bf16", "only_if_native": True}, {"name": "mixed_precision", "only_if_native": True}, pure):
         _, setup = setup_from_recipe(Recipe.parse(tiny_recipe(techniques=[entry])), device="cpu")
         assert setup.precision == ("bf16" if native else "fp32")
+        assert setup.pure_16bit == (native and entry is pure)  # skipped pure_bf16 leaves the weights in fp32
         assert any("only_if_native" in n for n in setup.notes) is not native
     _, always = setup_from_recipe(Recipe.parse(tiny_recipe(techniques=[{"name": "bf16"}])), device="cpu")
     assert always.precision == "bf16"  # without the field, bf16 runs (emulated) and is planned as such

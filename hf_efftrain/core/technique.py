@@ -46,6 +46,11 @@ class Env:
     distributed_type: str | None = None
     deepspeed_config: dict[str, Any] | None = field(default=None, compare=False)
 
+    @property
+    def bf16_native(self) -> bool:
+        """bf16 matmuls at native speed on the device the run computes on (an Ampere+ GPU, or such a CPU)."""
+        return self.bf16_supported if self.cuda else self.cpu_bf16_native
+
     @classmethod
     def detect(cls) -> Env:
         import os

@@ -242,7 +242,7 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     from ..builtins import is_builtin
     from ..core.build import load_tokenizer
     from ..core.model_loading import load_config
-    from ..runtime.flops import bf16_native
+    from ..core.technique import Env
 
     training = recipe.training
     # Only a builtin: config takes its vocabulary from the tokenizer; a config.json alone sizes any other model.
@@ -259,11 +259,13 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     attention = recipe.model.attn_implementation or _default_attention(config)
     adapter, rank, targets = None, 8, None
     fused: dict | None = None
+    # This machine's bf16 on the planned device; a GPU that is not here counts as Ampere+ (Env.detect's default).
+    native = replace(Env.detect(), cuda=device == "cuda").bf16_native
     for name, cfg in techniques.items():
         if name in ("bf16", "fp16", "mixed_precision"):  # the aliases' entries have no dtype field
             precision = "fp16" if cfg.get("dtype", name) == "fp16" else "bf16"
             pure = pure or bool(cfg.get("pure_bf16"))
-            if cfg.get("only_if_native") and not bf16_native(device == "cuda"):
+            if cfg.get("only_if_native") and not native:
                 precision = "fp32"  # as the technique does at run time (mixed_precision._not_native)
                 notes.append(f"{name} only_if_native: planned in fp32, bf16 matmuls are not native on this {device}")
         elif name == "gradient_checkpointing":

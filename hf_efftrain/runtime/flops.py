@@ -80,14 +80,6 @@ def cpu_bf16_native() -> bool:
         return False
 
 
-def bf16_native(cuda: bool) -> bool:
-    """Whether bf16 matmuls run natively on this machine's device of that kind: the CPU's oneDNN check, or an Ampere+
-    GPU (True where no GPU is present to ask: a plan for one assumes a current GPU)."""
-    if not cuda:
-        return cpu_bf16_native()
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
-
-
 def cpu_description() -> str:
     """This CPU for a benchmark's notes: its model name, torch's SIMD level and whether bf16 is native."""
     native = "native bf16" if cpu_bf16_native() else "no native bf16 (bf16 matmuls are emulated)"

@@ -296,9 +296,8 @@ class MixedPrecisionTechnique(Technique):
         if s.dtype == "fp16" and not env.cuda:
             # TrainingArguments accepts fp16 with use_cpu, but Accelerate then runs neither autocast nor a scaler.
             raise RecipeError(self.dtype_field, "fp16 mixed precision needs a CUDA GPU; use bf16 on CPU")
-        native = env.bf16_supported if env.cuda else env.cpu_bf16_native
         self.skipped = None
-        if s.dtype == "bf16" and not native:
+        if s.dtype == "bf16" and not env.bf16_native:
             self._not_native(env)
         if s.dtype in ("bf16", "fp8") and env.cuda and not env.bf16_supported and self.active:
             raise RecipeError(

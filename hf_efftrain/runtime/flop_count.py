@@ -96,6 +96,20 @@ def _matmul_shape(module: nn.Module) -> int | None:
     return None
 
 
+def matmul_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most matmul FLOPs run in without autocast: each weight's dtype, or a quantized layer's
+    ``compute_dtype`` (bitsandbytes 4-bit), weighted by in x out. Pure bf16 and ``model.dtype: bfloat16`` runs
+    compute in bf16, so their MFU is against the bf16 peak; integer weights with no compute dtype are not counted."""
+    share: dict[torch.dtype, int] = {}
+    for m in _unwrap(model).modules():
+        n = _matmul_shape(m)
+        weight = getattr(m, "weight", None)
+        dtype = getattr(m, "compute_dtype", None) or getattr(weight, "dtype", None)
+        if n is not None and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            share[dtype] = share.get(dtype, 0) + n
+    return max(share, key=share.__getitem__) if share else torch.float32
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
 

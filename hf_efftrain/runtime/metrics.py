@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..cache import write_json_atomic
-from .flop_count import ComputeFraction, count_flops, dense_flops_per_token, model_flops_per_token
+from .flop_count import ComputeFraction, count_flops, dense_flops_per_token, matmul_dtype, model_flops_per_token
 from .flops import device_peak, mfu, mfu_for_run, peak_flops
 from .report import plot_loss, summary_table
 
@@ -127,12 +127,13 @@ def _param_count(param: torch.nn.Parameter) -> int:
     return param.numel()
 
 
-def _dtype_of(args: Any) -> torch.dtype:
+def _dtype_of(args: Any, model: torch.nn.Module) -> torch.dtype:
+    """The compute dtype whose peak MFU is against: autocast's, else the weights' own (``matmul_dtype``)."""
     if getattr(args, "bf16", False):
         return torch.bfloat16
     if getattr(args, "fp16", False):
         return torch.float16
-    return torch.float32
+    return matmul_dtype(model)
 
 
 def build_run_report(
@@ -182,7 +183,7 @@ def build_run_report(
     fractions = _compute_fractions(techniques, model, int(state.global_step), seq_len, notes)
     counted = count_flops(model, seq_len, fractions)
     flops_per_token = counted.total
-    dtype = _dtype_of(trainer.args)
+    dtype = _dtype_of(trainer.args, model)
     device = trainer.args.device
     run_mfu, peak = None, None
     if tokens_per_second is not None:  # never over 1: a run beating the peak re-measures it, else no MFU

@@ -33,6 +33,7 @@ from hf_efftrain.runtime.flop_count import (
     Parts,
     count_flops,
     dense_flops_per_token,
+    matmul_dtype,
     model_flops_per_token,
 )
 from hf_efftrain.techniques.layer_dropping import LayerDroppingTechnique
@@ -300,3 +301,24 @@ def test_fractions_compose_and_are_reported_per_technique():
 def test_the_default_hook_changes_nothing():
     assert Technique.compute_fraction(LayerDroppingTechnique(), tiny_llama(), 10, S) is None
     assert LayerDroppingTechnique().compute_fraction(tiny_llama(), 10, S) is None  # no drops drawn yet
+
+
+# ------------------------------------------------------------------------------------------- compute dtype
+
+
+def test_matmul_dtype_is_the_weights_own_or_a_quantized_layers_compute_dtype():
+    """MFU's peak follows the dtype the matmuls run in: pure bf16 weights are bf16 work, not fp32 work."""
+    model = tiny_llama()
+    assert matmul_dtype(model) == torch.float32
+    assert matmul_dtype(model.to(torch.bfloat16)) == torch.bfloat16
+    model = tiny_llama()
+    model.lm_head.to(torch.bfloat16)  # the LM head alone is less than half of the matmul FLOPs here
+    assert matmul_dtype(model) == torch.float32
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from hf_efftrain.techniques.quantized_base import bnb_config, quantize_model
+
+    for compute in (torch.float32, torch.bfloat16):
+        model = quantize_model(tiny_llama(), bnb_config(4, compute_dtype=compute))
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        assert matmul_dtype(model) == compute  # the packed uint8 weights are not the compute dtype

@@ -363,6 +363,14 @@ def test_run_report_from_real_trainer(tmp_path):
     assert report["mfu"] < report["mfu_dense"]
     trainer.model.requires_grad_(True)
 
+    # Weights that are bf16 themselves (pure bf16, model.dtype bfloat16) compute in bf16: that peak, not fp32's.
+    assert report["compute_dtype"] == "float32"
+    trainer.model.to(torch.bfloat16)
+    report = build_run_report(trainer, output, [], seq_len=seq)
+    assert report["compute_dtype"] == "bfloat16" and "bfloat16" in report["peak_flops_source"]
+    assert report["peak_flops"] == flops.device_peak("cpu", torch.bfloat16).flops
+    trainer.model.to(torch.float32)
+
     # Without token counting the report says so instead of inventing a throughput.
     trainer.state.num_input_tokens_seen = 0
     trainer._initial_num_input_tokens_seen = 0

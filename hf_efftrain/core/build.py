@@ -27,7 +27,7 @@ from .model_loading import (
 from .recipe import Recipe
 from .recipe_checks import check_attention_env, check_dtype_env
 from .registry import get_technique
-from .technique import Env, Technique
+from .technique import Env, Technique, blamed
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,8 @@ def make_techniques(recipe: Recipe, env: Env | None = None) -> list[Technique]:
         if clash:
             raise RecipeError(f"techniques[{i}]", f"{cls.name} cannot be combined with {', '.join(clash)}")
         technique = cls(cfg)
-        try:
+        with blamed(recipe, technique):
             technique.validate(recipe, env)
-        except RecipeError as e:
-            raise RecipeError(f"techniques[{i}]" + (f".{e.path}" if e.path else ""), e.message) from None
         techniques.append(technique)
     check_attention_env(recipe.model.attn_implementation, env)
     check_dtype_env(recipe, env)
@@ -163,7 +161,8 @@ def make_training_args(recipe: Recipe, techniques: list[Technique]):
     except (ValueError, TypeError) as e:
         raise RecipeError("training", str(e).strip().splitlines()[0]) from None
     for t in techniques:
-        args = t.training_args(args)
+        with blamed(recipe, t):
+            args = t.training_args(args)
     return args
 
 
@@ -184,12 +183,14 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
     model = load_model(recipe, config, task, model_kwargs(recipe, techniques))
     check_vocab(model, tokenizer)
     for t in techniques:
-        model = t.on_model(model)
+        with blamed(recipe, t):
+            model = t.on_model(model)
     declare_loss_kwargs(model)
 
     collator = data_mod.make_collator(task, tokenizer, model)
     for t in techniques:
-        collator = t.collator(collator)
+        with blamed(recipe, t):
+            collator = t.collator(collator)
 
     trainer = EffTrainer(
         model=model,
@@ -235,7 +236,8 @@ def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Techniqu
         )
         check_data_fits(recipe, config, args, train_dataset, eval_dataset)
         for t in techniques:
-            train_dataset = t.on_dataset(train_dataset, tokenizer)
+            with blamed(recipe, t):
+                train_dataset = t.on_dataset(train_dataset, tokenizer)
 
     if eval_dataset is None and args.eval_strategy != "no":
         raise RecipeError(

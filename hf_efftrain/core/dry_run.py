@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..builtins import is_builtin
 from ..errors import RecipeError
 from ..runtime.checkpoint import CheckpointError
 from ..runtime.distributed import check_engine, prepare_launch_env
@@ -46,15 +45,13 @@ from .model_loading import (
     check_vocab,
     check_weight_files,
     declare_loss_kwargs,
+    from_config_kwargs,
     load_config,
     model_kwargs,
 )
 from .recipe import Recipe
-from .technique import Env, Technique
+from .technique import Env, Technique, blamed
 from .trainer import EffTrainer
-
-# What ``from_config`` takes of the load-time keyword arguments; the others exist for ``from_pretrained`` only.
-FROM_CONFIG_KWARGS = ("attn_implementation", "dtype")
 
 
 @dataclass
@@ -100,7 +97,8 @@ def dry_build(recipe: Recipe, env: Env | None = None) -> DryBuild:
     unchecked: list[str] = []
     for t in techniques:
         try:
-            model = t.on_model(model)
+            with blamed(recipe, t):
+                model = t.on_model(model)
         except RecipeError:
             raise
         except Exception as e:  # the hook needs real weights (module docstring)
@@ -108,7 +106,8 @@ def dry_build(recipe: Recipe, env: Env | None = None) -> DryBuild:
     declare_loss_kwargs(model)
     collator = data_mod.make_collator(task, tokenizer, model)
     for t in techniques:
-        collator = t.collator(collator)
+        with blamed(recipe, t):
+            collator = t.collator(collator)
 
     trainer = None
     try:
@@ -141,13 +140,10 @@ def meta_model(recipe: Recipe, config, task: str, kwargs: dict[str, Any]):
     import transformers
 
     name = recipe.model.name_or_path
-    if not is_builtin(name):
-        if Path(name).is_dir():
-            check_weight_files(Path(name))
-            _resolve_weights(name, config)
-        kwargs = {k: v for k, v in kwargs.items() if k in FROM_CONFIG_KWARGS}
-        if kwargs.get("dtype") == "auto":  # from_pretrained's "auto": the checkpoint's dtype, which its config names
-            del kwargs["dtype"]
+    if recipe.model.loads_weights() and Path(name).is_dir():
+        check_weight_files(Path(name))
+        _resolve_weights(name, config)
+    kwargs = from_config_kwargs(kwargs)
     auto = getattr(transformers, TASK_AUTO_CLASS[task])
     with torch.device("meta"):
         return auto.from_config(config, **kwargs)

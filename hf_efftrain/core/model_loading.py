@@ -5,6 +5,7 @@ weight files, tokenizer vs embedding size, loss normalisation). ``build.py`` and
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from ..builtins import BUILTIN_MODELS, builtin_config, is_builtin, strip_builtin
 from ..errors import RecipeError
 from ..runtime.distributed import launch_model_kwargs
 from .recipe import Recipe
-from .technique import Technique
+from .technique import Technique, blamed
+
+logger = logging.getLogger(__name__)
 
 TASK_AUTO_CLASS = {
     "causal_lm": "AutoModelForCausalLM",
@@ -62,10 +65,31 @@ def load_config(recipe: Recipe, tokenizer):
                 f"{name!r} is neither a local model folder nor reachable on the "
                 f"hub ({type(e).__name__}); builtin models: {allowed}",
             ) from None
-    for key, value in recipe.model.config_overrides.items():
+    overrides = recipe.model.config_overrides
+    for key, value in overrides.items():
         if not hasattr(config, key):
             raise RecipeError(f"model.config_overrides.{key}", f"not a field of {type(config).__name__}")
         setattr(config, key, value)
+    return _consistent(config, overrides) if overrides else config
+
+
+def _consistent(config, overrides: dict[str, Any]):
+    """The config after ``config_overrides``, checked as ``save_pretrained`` will check it at the end of the run.
+    ``layer_types`` (Qwen2, Gemma 2/3, ...: one entry per layer) is derived again by the config class when only the
+    depth is overridden, as the class derives it for a fresh config of that depth."""
+    types = getattr(config, "layer_types", None)
+    depth = getattr(config, "num_hidden_layers", None)
+    if "layer_types" not in overrides and isinstance(types, list) and len(types) != depth:
+        fields = config.to_dict()
+        del fields["layer_types"]
+        config = type(config).from_dict(fields)
+    try:
+        config.validate()  # transformers' own checks of the config class (strict dataclass validators)
+    except AttributeError:  # a config class without them
+        pass
+    except Exception as e:
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise RecipeError("model.config_overrides", f"{type(config).__name__} refuses these values: {last}") from None
     return config
 
 
@@ -74,14 +98,29 @@ def load_model(recipe: Recipe, config, task: str, kwargs: dict[str, Any]):
 
     auto = getattr(transformers, TASK_AUTO_CLASS[task])
     name = recipe.model.name_or_path
-    if is_builtin(name):
-        return auto.from_config(config, **kwargs)
+    if not recipe.model.loads_weights():  # builtin: or model.from_scratch: the architecture, fresh weights
+        if not is_builtin(name):
+            logger.info("model: %s built from its config with fresh weights (model.from_scratch)", name)
+        return auto.from_config(config, **from_config_kwargs(kwargs))
     if Path(name).is_dir():
         check_weight_files(Path(name))
     try:
         return auto.from_pretrained(name, config=config, revision=recipe.model.revision, **kwargs)
     except OSError as e:  # no weights file in the folder, or one that cannot be read
         raise RecipeError("model.name_or_path", f"could not load the weights of {name}: {_first_line(e)}") from None
+
+
+# What ``from_config`` takes of the load-time keyword arguments; the others exist for ``from_pretrained`` only.
+FROM_CONFIG_KWARGS = ("attn_implementation", "dtype")
+
+
+def from_config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as ``from_config`` takes them: from_pretrained-only keys dropped, and ``dtype: auto`` (the
+    checkpoint's dtype, which a config alone may not name) left to the config."""
+    out = {k: v for k, v in kwargs.items() if k in FROM_CONFIG_KWARGS}
+    if out.get("dtype") == "auto":
+        del out["dtype"]
+    return out
 
 
 def check_weight_files(folder: Path) -> None:
@@ -105,13 +144,16 @@ def _first_line(e: BaseException) -> str:
 def model_kwargs(recipe: Recipe, techniques: list[Technique]) -> dict[str, Any]:
     """``from_pretrained`` / ``from_config`` keyword arguments: the launch's (tensor parallel), the recipe's, then
     each technique's ``model_kwargs`` hook."""
-    kwargs: dict[str, Any] = launch_model_kwargs(recipe.model.name_or_path)
+    kwargs: dict[str, Any] = launch_model_kwargs(
+        recipe.model.name_or_path, from_config=not recipe.model.loads_weights()
+    )
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
     if recipe.model.dtype:
         kwargs["dtype"] = recipe.model.dtype
     for t in techniques:
-        kwargs = t.model_kwargs(kwargs)
+        with blamed(recipe, t):
+            kwargs = t.model_kwargs(kwargs)
     return kwargs
 
 

@@ -32,6 +32,11 @@ class ModelSection(_Section):
     revision: str | None = Field(
         None, min_length=1, description="hub branch, tag or commit of name_or_path (pin it: a hub repo can change)"
     )
+    from_scratch: bool = Field(
+        False,
+        description="build name_or_path's architecture from its config with fresh weights (pre-training; its "
+        "tokenizer is still used); builtin: models always are",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(None, description="weights' dtype")
     num_labels: int | None = Field(None, ge=2, description="classification; default: from the label column")
     chat_template: str | None = Field(
@@ -67,6 +72,11 @@ class ModelSection(_Section):
         if value is not None and str(info.data.get("name_or_path", "")).startswith("builtin:"):
             raise ValueError("a builtin: model has no revisions; remove it (revisions are for hub ids)")
         return value
+
+    def loads_weights(self) -> bool:
+        """True when training starts from name_or_path's pretrained weights (``from_pretrained``), False when the
+        model is built from its config (``from_config``: a builtin: model, or ``from_scratch``)."""
+        return not self.name_or_path.startswith("builtin:") and not self.from_scratch
 
 
 def _is_file(value: str) -> bool:

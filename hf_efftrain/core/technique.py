@@ -8,10 +8,14 @@ Every hook has a do-nothing default, so a technique overrides only what it needs
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from ..errors import RecipeError
 
 if TYPE_CHECKING:
     import torch
@@ -162,6 +166,24 @@ class Technique:
         of ``seq_len``-token examples, with a note of what was assumed. None (the default): the model as trained
         (frozen weights included) says it all. Called once, after training, with the trained model."""
         return None
+
+
+# A technique's error about another section names that section's field (model.task, data.eval): left as it is.
+_SECTIONS = ("model", "data", "training", "techniques")
+
+
+@contextmanager
+def blamed(recipe: Any, technique: Technique) -> Iterator[None]:
+    """Re-raise a technique's RecipeError with its field path under ``techniques[i]``, where the recipe sets it."""
+    try:
+        yield
+    except RecipeError as e:
+        if e.path.split(".")[0].split("[")[0] in _SECTIONS:
+            raise
+        i = next((i for i, c in enumerate(recipe.techniques) if c is technique.config), None)
+        if i is None:  # built by hand, not from this recipe
+            raise
+        raise RecipeError(f"techniques[{i}]" + (f".{e.path}" if e.path else ""), e.message) from None
 
 
 def has_package(name: str) -> bool:

@@ -168,14 +168,14 @@ def tensor_parallel_size(env: Mapping[str, str] | None = None) -> int:
 
 
 def launch_model_kwargs(
-    name_or_path: str, env: Mapping[str, str] | None = None, cuda: bool | None = None
+    name_or_path: str, env: Mapping[str, str] | None = None, cuda: bool | None = None, from_config: bool = False
 ) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments this launch needs: ``distributed_config`` for tensor parallelism.
 
     Tensor parallelism (Megatron-LM style, Shoeybi et al. 2019, arXiv 1909.08053) comes from the model's own
     ``base_model_tp_plan`` through ``from_pretrained(distributed_config=DistributedConfig(tp_size=N))``, which
     shards each weight as it loads; the Trainer then sets up Accelerate's ParallelismConfig from ``model.tp_size``.
-    Randomly initialised ``builtin:`` models are built with ``from_config``, which has no such path.
+    Randomly initialised models (``builtin:``, ``model.from_scratch``: ``from_config``) have no such path.
     """
     from ..builtins import is_builtin
     from ..errors import RecipeError
@@ -193,12 +193,12 @@ def launch_model_kwargs(
             f"tensor parallelism (tp_size {tp}) needs GPUs: Accelerate's ParallelismConfig does not run on "
             "the CPU; use cpu_ddp.yaml or cpu_deepspeed_*.yaml here",
         )
-    if is_builtin(name_or_path):
+    if is_builtin(name_or_path) or from_config:
         raise RecipeError(
-            "model.name_or_path",
-            f"tensor parallelism (tp_size {tp}) shards weights while from_pretrained loads them; a builtin: model "
-            "is built from its config. Save it first (e.g. runs/quickstart after `hf-efftrain train "
-            "recipes/quickstart.yaml`) and point name_or_path at that folder",
+            "model.from_scratch" if from_config and not is_builtin(name_or_path) else "model.name_or_path",
+            f"tensor parallelism (tp_size {tp}) shards weights while from_pretrained loads them; a builtin: or "
+            "from_scratch model is built from its config. Save it first (e.g. runs/quickstart after `hf-efftrain "
+            "train recipes/quickstart.yaml`) and point name_or_path at that folder",
         )
     from transformers.distributed import DistributedConfig
 

@@ -72,7 +72,7 @@ def _metadata(recipe: dict[str, Any], report: dict[str, Any], kind: Kind) -> str
         "tags": ["hf_efftrain", *dict.fromkeys(t["name"] for t in recipe.get("techniques", []))],
         "datasets": list(dict.fromkeys(d for d in hub_data if is_hub_id(d))) or None,
     }
-    if is_hub_id(base):
+    if is_hub_id(base) and not model.get("from_scratch"):  # from_scratch: its architecture, none of its weights
         fields.update(base_model=base, base_model_relation=RELATION[kind])
     return ModelCardData(**{k: v for k, v in fields.items() if v is not None}).to_yaml()
 
@@ -141,7 +141,9 @@ def model_card(folder: str | Path, recipe: dict[str, Any], report: dict[str, Any
         "Trained with hf_efftrain (efficient training, Zhuang et al. 2023, arXiv 2302.01107) from the recipe below. "
         + what,
         "",
-        f"- **Base model:** `{base}`{revision}{where}",
+        f"- **Architecture** (from its config, fresh weights): `{base}`{revision}{where}"
+        if model.get("from_scratch")
+        else f"- **Base model:** `{base}`{revision}{where}",
         f"- **Task:** {report.get('task', model.get('task', 'auto'))}",
         f"- **Training data:** {', '.join(f'`{s}`' for s in data_sources(data, 'train')) or 'none'}",
         f"- **Evaluation data:** {', '.join(f'`{s}`' for s in data_sources(data, 'eval')) or 'see the recipe'}",

@@ -49,7 +49,14 @@ from ..core.patching import Patches, patch_attr
 from ..core.registry import register_technique
 from ..core.technique import ORDER_INIT, Env, Technique, TechniqueConfig
 from ..errors import RecipeError
-from .t_fixup.policies import MODEL_PATH, block_policy, check_recipe_model, proj_params, strip_norms
+from .t_fixup.policies import (
+    MODEL_PATH,
+    block_policy,
+    check_recipe_model,
+    proj_params,
+    refuse_pretrained_weights,
+    strip_norms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +267,8 @@ class DeepnormTechnique(Technique):
     config: DeepnormConfig
 
     def validate(self, recipe: Any, env: Env) -> None:
+        if self.config.reinit:  # reinit: false keeps the weights (DeepNorm's residual scaling alone)
+            refuse_pretrained_weights(recipe, self.name, keep=" (or set reinit: false to keep the weights)")
         check_recipe_model(recipe, check_supported)
 
     def on_model(self, model: nn.Module) -> nn.Module:

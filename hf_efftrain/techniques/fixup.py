@@ -44,6 +44,7 @@ from .t_fixup.policies import (
     check_recipe_model,
     get_module,
     proj_params,
+    refuse_pretrained_weights,
     strip_norms,
     swap_module,
 )
@@ -142,6 +143,7 @@ class FixupTechnique(Technique):
     config: FixupConfig
 
     def validate(self, recipe: Any, env: Env) -> None:
+        refuse_pretrained_weights(recipe, self.name)
         check_recipe_model(recipe, blocks_with_policies)
 
     def on_model(self, model: nn.Module) -> nn.Module:

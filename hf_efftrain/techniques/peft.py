@@ -322,6 +322,11 @@ class PeftTechnique(Technique):
                 "merge_and_save",
                 "merging reloads the base from its weights; a builtin: model has none (save it first)",
             )
+        if recipe.model.from_scratch and not is_builtin(recipe.model.name_or_path):
+            # The adapter would record name_or_path as its base, whose pretrained weights are not what it trained on.
+            raise RecipeError(
+                "", "adapters train on a frozen pretrained base; model.from_scratch builds it with random weights"
+            )
         if c.method == "prefix_tuning" and recipe.model.task == "masked_lm":
             raise RecipeError("method", "prefix_tuning needs a causal LM, seq2seq or classification model")
         problem = (

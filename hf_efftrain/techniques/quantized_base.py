@@ -31,7 +31,6 @@ from pydantic import Field
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..builtins import is_builtin
 from ..core.registry import register_technique
 from ..core.technique import ORDER_ADAPTER, Env, Technique, TechniqueConfig, has_package
 from ..errors import MissingDependencyError, RecipeError
@@ -203,11 +202,11 @@ class QuantizedBaseTechnique(Technique):
                 raise RecipeError(key, f"only used with bits: {4 if c.bits == 8 else 8}; remove it (bits is {c.bits})")
         if c.compute_dtype == "bfloat16" and env.cuda and not env.bf16_supported:
             raise RecipeError("compute_dtype", "this GPU has no bfloat16; use float16 or float32")
-        self._from_pretrained = not is_builtin(recipe.model.name_or_path)
+        self._from_pretrained = recipe.model.loads_weights()
         self._user_optim = "optim" in recipe.training
 
     def model_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        # from_config (built-ins) does not take a quantization_config; on_model quantizes those by reload.
+        # from_config (built-ins, from_scratch) takes no quantization_config; on_model quantizes those by reload.
         if self._from_pretrained:
             kwargs = {**kwargs, "quantization_config": self.quantization_config()}
             if (dm := device_map()) is not None:

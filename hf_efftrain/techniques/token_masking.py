@@ -330,7 +330,9 @@ class TokenMaskingTechnique(Technique):
         if self.config.mode == "mlm":
             if not isinstance(collator, DataCollatorForLanguageModeling):
                 raise RecipeError(
-                    "mode", f"mlm needs a masked-LM model (task masked_lm), got {type(collator).__name__}"
+                    "mode",
+                    "mlm needs a masked-LM model on text data (task masked_lm, e.g. builtin:tiny-bert); this recipe's "
+                    "model and data are another task",
                 )
             base = DataCollatorWithPadding(tok, pad_to_multiple_of=collator.pad_to_multiple_of)
         else:

@@ -257,6 +257,8 @@ def test_tensor_parallel_launch_loads_a_saved_model_sharded_and_refuses_what_can
     assert isinstance(kwargs["distributed_config"], DistributedConfig) and kwargs["distributed_config"].tp_size == 2
     with pytest.raises(RecipeError, match="model.name_or_path: .*builtin"):
         launch_model_kwargs("builtin:tiny-llama", env, cuda=True)
+    with pytest.raises(RecipeError, match="model.from_scratch: .*from its config"):
+        launch_model_kwargs("runs/quickstart", env, cuda=True, from_config=True)
     with pytest.raises(RecipeError, match="needs GPUs"):
         launch_model_kwargs("runs/quickstart", env, cuda=False)
 

@@ -63,6 +63,7 @@ from .policies import (  # noqa: F401  (re-exported: the policy API lives with t
     check_recipe_model,
     input_embeddings,
     proj_params,
+    refuse_pretrained_weights,
     register_block_policy,
     strip_norms,
     supported_blocks,
@@ -171,6 +172,7 @@ class TFixupTechnique(Technique):
             raise RecipeError(
                 "disable_warmup", f"true conflicts with training.warmup_steps={warmup}; drop one of them"
             )
+        refuse_pretrained_weights(recipe, self.name)
         check_recipe_model(recipe, blocks_with_policies)
 
     def training_args(self, args: TrainingArguments) -> TrainingArguments:

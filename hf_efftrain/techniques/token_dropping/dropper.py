@@ -64,16 +64,14 @@ class TokenDropper:
         if len(stacks) != 1:
             raise RecipeError("model.name_or_path", "token_dropping supports decoder-only or encoder-only models")
         if strategy == "importance" and (importance is None or "encoder" not in stacks):
-            raise RecipeError(
-                "techniques.token_dropping.strategy", "importance needs a masked-LM encoder (e.g. BertForMaskedLM)"
-            )
+            raise RecipeError("strategy", "importance needs a masked-LM encoder (e.g. BertForMaskedLM)")
         layers = next(iter(stacks.values()))
         n = len(layers)
         first = full_first if full_first is not None else (1 if strategy == "random" else n // 2)
         self.layer_ids = list(range(first, n - full_last))
         if not self.layer_ids:
             raise RecipeError(
-                "techniques.token_dropping.full_first",
+                "full_first",
                 f"no layer left to drop tokens in: {n} layers, full_first={first}, full_last={full_last}",
             )
         self.strategy, self.keep, self.multiple_of = strategy, keep, multiple_of

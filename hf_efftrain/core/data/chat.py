@@ -35,6 +35,7 @@ from .formats import (
     conversation_column,
     prompt_completion_columns,
     prompt_completion_messages,
+    prompt_completion_turns,
     to_messages,
 )
 
@@ -93,13 +94,46 @@ def require_template(tokenizer, fmt: str) -> None:
         raise RecipeError("model.tokenizer", "conversation data needs a fast tokenizer (token offsets for the masks)")
 
 
-def encode(tokenizer, conversations: list[list[dict[str, Any]]], loss_on: str, rows: list[int] | None = None):
-    """(input_ids, labels) of each conversation, untruncated; ``rows`` (1-based) name them in errors."""
-    import jinja2
-
+def encode(
+    tokenizer,
+    conversations: list[list[dict[str, Any]]],
+    loss_on: str,
+    rows: list[int] | None = None,
+    context: list[int] | None = None,
+):
+    """(input_ids, labels) of each conversation, untruncated; ``rows`` (1-based) name them in errors. ``context``:
+    per conversation, how many leading turns are a prompt whose assistant turns carry no loss (conversational
+    prompt-completion)."""
     if not conversations:
         return [], []
     rows = rows or list(range(1, len(conversations) + 1))
+    ids, labels = _encode(tokenizer, conversations, loss_on, rows)
+    for k, (conversation, n) in enumerate(zip(conversations, context or ())):
+        if loss_on != "all" and any(t["role"] == "assistant" for t in conversation[:n]):
+            cut = _prefix_tokens(tokenizer, conversation, n, ids[k], rows[k])
+            labels[k] = [-100] * cut + labels[k][cut:]
+    return ids, labels
+
+
+def _prefix_tokens(tokenizer, conversation: list[dict[str, Any]], n: int, ids: list[int], row: int) -> int:
+    """How many of ``ids`` (the whole conversation) lie within the render of its first ``n`` turns with the
+    generation prompt: the tokens before the completion. A token that straddles the boundary belongs to the
+    completion, as a straddling token of an assistant span is labelled (``_overlapping``)."""
+    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    prefix = tokenizer.apply_chat_template(conversation[:n], tokenize=False, add_generation_prompt=True)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    if not full.startswith(prefix) or list(enc["input_ids"]) != list(ids):
+        raise RecipeError(
+            "model.chat_template",
+            f"row {row}: the template renders the prompt's turns differently before the completion, so the "
+            "prompt's assistant turns cannot be told from the completion's",
+        )
+    return sum(end <= len(prefix) for _, end in enc["offset_mapping"])
+
+
+def _encode(tokenizer, conversations: list[list[dict[str, Any]]], loss_on: str, rows: list[int]):
+    import jinja2
+
     template = template_of(tokenizer)
     marked = bool(GENERATION_MARKER.search(template)) and loss_on != "all"
     try:
@@ -117,7 +151,7 @@ def encode(tokenizer, conversations: list[list[dict[str, Any]]], loss_on: str, r
     except jinja2.TemplateError as e:
         if len(conversations) > 1:  # find the row the template refused
             for c, r in zip(conversations, rows):
-                encode(tokenizer, [c], loss_on, [r])
+                _encode(tokenizer, [c], loss_on, [r])
         raise RecipeError("model.chat_template", f"row {rows[0]}: the template refused it: {e}") from None
     ids = enc["input_ids"]
     if marked:
@@ -190,9 +224,10 @@ def tokenize_chat(batch, indices, tok, cfg, fmt: str, loss_on: str):
     ``RecipeError`` does not survive the trip back from a ``num_proc`` worker (it does not unpickle)."""
     n = len(indices)
     try:
-        conversations = _conversations(batch, cfg, fmt, [i + 1 for i in indices])
+        conversations, context = _conversations(batch, cfg, fmt, [i + 1 for i in indices])
         keep = [k for k, c in enumerate(conversations) if c]
-        ids, labels = encode(tok, [conversations[k] for k in keep], loss_on, [indices[k] + 1 for k in keep])
+        rows = [indices[k] + 1 for k in keep]
+        ids, labels = encode(tok, [conversations[k] for k in keep], loss_on, rows, [context[k] for k in keep])
     except RecipeError as e:
         empty = [[]] * n
         error = [f"{e.path}\t{e.message}"] * n
@@ -210,9 +245,14 @@ def tokenize_chat(batch, indices, tok, cfg, fmt: str, loss_on: str):
     return out
 
 
-def _conversations(batch, cfg, fmt: str, rows: list[int]) -> list[list[dict] | None]:
+def _conversations(batch, cfg, fmt: str, rows: list[int]) -> tuple[list[list[dict] | None], list[int]]:
+    """The rows as conversations, and per row the number of leading turns that carry no loss (a prompt's)."""
+    none = [0] * len(rows)
     if fmt in CONVERSATIONS:
-        return [to_messages(t, fmt, r) for t, r in zip(batch[conversation_column(cfg, fmt)], rows)]
+        return [to_messages(t, fmt, r) for t, r in zip(batch[conversation_column(cfg, fmt)], rows)], none
     prompt, response, extra = prompt_completion_columns(cfg, list(batch))
+    if any(isinstance(p, list) for p in batch[prompt]):  # turns (tokenization._turns_columns checked both columns)
+        pairs = [prompt_completion_turns(p, c, r) for p, c, r in zip(batch[prompt], batch[response], rows)]
+        return [c for c, _ in pairs], [k for _, k in pairs]
     extras = batch[extra] if extra else [None] * len(rows)
-    return [prompt_completion_messages(p, x, r) for p, x, r in zip(batch[prompt], extras, batch[response])]
+    return [prompt_completion_messages(p, x, r) for p, x, r in zip(batch[prompt], extras, batch[response])], none

@@ -3,8 +3,11 @@
 - ``text``: one text column (``data.text_field``): causal LM, masked LM, classification.
 - ``prompt_completion``: a prompt and a response column (``data.prompt_field`` / ``response_field``; with their
   defaults left alone, the alpaca ``instruction`` / ``output`` and TRL's ``completion`` names are found too). An
-  ``input`` column (``data.input_field``, alpaca) joins the prompt after a blank line, so it is never dropped.
-- ``messages``: a column (``data.messages_field``, default ``messages``) of OpenAI-style ``{role, content}`` turns.
+  ``input`` column (``data.input_field``, alpaca) joins the prompt after a blank line, so it is never dropped. Both
+  columns may instead hold ``{role, content}`` turns (TRL's conversational prompt-completion): the completion's
+  assistant turns carry the loss, none of the prompt's.
+- ``messages``: a column (``data.messages_field``, default ``messages``) of OpenAI-style ``{role, content}`` turns;
+  a content given as parts (``[{type: text, text}]``) is their text joined (other part types are refused).
 - ``sharegpt``: a column (default ``conversations``) of ``{from, value}`` turns, ``from`` mapped to a role.
 
 ``auto`` picks, in this order: a ``messages`` column, a ``conversations`` column, a prompt and a response column,
@@ -100,6 +103,11 @@ def _turn_keys(feature: Any) -> set[str]:
     return set(inner) if isinstance(inner, dict) else set()
 
 
+def is_turns(feature: Any) -> bool:
+    """A column of ``{role, content}`` turn lists: TRL's conversational prompt / completion columns."""
+    return {"role", "content"} <= _turn_keys(feature)
+
+
 def resolve_loss_on(cfg, fmt: str, task: str) -> str:
     """``data.loss_on`` checked against the format, or the format's default."""
     if task not in ("causal_lm", "sft"):
@@ -129,9 +137,11 @@ def check_conversation_column(dataset, cfg, fmt: str, source: str) -> str:
     return column
 
 
-def to_messages(turns: list[dict] | None, fmt: str, row: int) -> list[dict[str, Any]] | None:
+def to_messages(
+    turns: list[dict] | None, fmt: str, row: int, field: str = "data.messages_field"
+) -> list[dict[str, Any]] | None:
     """One cell of the turns column as ``{role, content, ...}`` messages (None stays None: a row to skip); a turn
-    with an unknown role or non-text content is a ``RecipeError`` naming the row (1-based) and the turn."""
+    with an unknown role or non-text content is a ``RecipeError`` on ``field`` naming the row (1-based) and turn."""
     if not turns:
         return None
     out = []
@@ -141,19 +151,45 @@ def to_messages(turns: list[dict] | None, fmt: str, row: int) -> list[dict[str, 
             role, content = SHAREGPT_ROLES.get(turn.get("from")), turn.get("value")
             if role is None:
                 allowed = ", ".join(SHAREGPT_ROLES)
-                raise RecipeError(
-                    "data.messages_field", f"{where}: 'from' is {turn.get('from')!r}; allowed: {allowed}"
-                )
+                raise RecipeError(field, f"{where}: 'from' is {turn.get('from')!r}; allowed: {allowed}")
             message = {"role": role, "content": content}
         else:
             role, content = turn.get("role"), turn.get("content")
             if role not in ROLES:
-                raise RecipeError("data.messages_field", f"{where}: role {role!r}; allowed: {', '.join(ROLES)}")
+                raise RecipeError(field, f"{where}: role {role!r}; allowed: {', '.join(ROLES)}")
             message = {k: v for k, v in turn.items() if v is not None}  # tool_calls, name, ... for the template
+        if isinstance(content, list):  # OpenAI content parts: [{type: text, text: ...}, ...]
+            content = message["content"] = _text_parts(content, where, field)
         if not isinstance(content, str):
-            raise RecipeError("data.messages_field", f"{where}: content must be text, not {type(content).__name__}")
+            raise RecipeError(field, f"{where}: content must be text, not {type(content).__name__}")
         out.append(message)
     return out
+
+
+def _text_parts(parts: list, where: str, field: str) -> str:
+    """The text of OpenAI-style content parts, joined; a part of another kind (image, audio) is refused: training
+    here is text only. (Arrow gives every part every key of the column's struct: the others are None.)"""
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise RecipeError(field, f"{where}: a content part of type {kind!r}; only text parts can be trained")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def prompt_completion_turns(
+    prompt: list[dict] | None, completion: list[dict] | None, row: int
+) -> tuple[list[dict[str, Any]] | None, int]:
+    """TRL's conversational prompt-completion row as one conversation, and how many of its turns are the prompt
+    (whose assistant turns, a few-shot history, carry no loss); (None, 0) when either side is empty."""
+    turns = to_messages(prompt, "messages", row, "data.prompt_field")
+    answer = to_messages(completion, "messages", row, "data.response_field")
+    if not turns or not answer:
+        return None, 0
+    if not any(t["role"] == "assistant" for t in answer):
+        raise RecipeError("data.response_field", f"row {row}: the completion has no assistant turn to learn")
+    return turns + answer, len(turns)
 
 
 def prompt_completion_messages(prompt: str | None, extra: str | None, response: str | None) -> list[dict] | None:

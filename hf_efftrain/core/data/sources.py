@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ...builtins import is_builtin, load_builtin_dataset, strip_builtin
 from ...errors import RecipeError
+from .formats import is_turns
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ def _first_bad_line(p: Path, limit: int = 1 << 30) -> str | None:
 
 def require_columns(dataset, columns: dict[str, str], source: str) -> None:
     """``columns`` maps recipe field path -> column name; raise naming the field and the columns present, or when
-    a text column holds something other than text (numbers, lists, mixed types)."""
+    a text column holds something other than text (numbers, lists, mixed types; a prompt or response column may
+    hold ``{role, content}`` turns)."""
     import datasets
 
     for field, column in columns.items():
@@ -187,6 +189,8 @@ def require_columns(dataset, columns: dict[str, str], source: str) -> None:
             raise RecipeError(field, f"column {column!r} not in {source} (columns: {', '.join(dataset.column_names)})")
         feature = dataset.features[column]
         is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+        if field in ("data.prompt_field", "data.response_field") and is_turns(feature):
+            continue  # TRL's conversational prompt-completion (formats.prompt_completion_turns)
         if field != "data.label_field" and not is_text:
             kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
             raise RecipeError(field, f"column {column!r} in {source} must hold text (strings), not {kind}")

@@ -9,11 +9,14 @@ tokenizer without a chat template.
 
 Rows whose text is null or empty (no tokens to learn from) are skipped, and rows longer than ``data.max_length`` are
 truncated; both are counted, logged, and returned in ``stats`` (the run report's ``data`` entry). A text column that
-is not text, or a label column with fewer than two classes, is a ``RecipeError`` naming the field.
+is not text, or a label column with fewer than two classes, is a ``RecipeError`` naming the field. datasets caches
+the result; its key includes the source of this code (``_fingerprint``), so a changed hf_efftrain re-tokenizes.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from .formats import (
     CONVERSATIONS,
     check_conversation_column,
     data_format,
+    is_turns,
     join_prompt,
     prompt_completion_columns,
     resolve_loss_on,
@@ -71,10 +75,11 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
     source = describe(getattr(data_cfg, split.split(".", 1)[-1], None) or data_cfg.train)  # a str or a list of sources
     fmt = data_format(data_cfg, dataset.features, task)
     kwargs, features = {"tok": tokenizer, "cfg": data_cfg}, None
-    if task == "sft" and (fmt in CONVERSATIONS or template_of(tokenizer) is not None):
+    turns = fmt == "prompt_completion" and _turns_columns(dataset, data_cfg, task)
+    if task == "sft" and (fmt in CONVERSATIONS or turns or template_of(tokenizer) is not None):
         if fmt in CONVERSATIONS:
             check_conversation_column(dataset, data_cfg, fmt, source)
-        require_template(tokenizer, fmt)
+        require_template(tokenizer, "conversational prompt_completion" if turns else fmt)
         fn, features = tokenize_chat, CHAT_FEATURES
         kwargs.update(fmt=fmt, loss_on=resolve_loss_on(data_cfg, fmt, task))
     elif task == "sft":
@@ -90,6 +95,7 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
             fn_kwargs=kwargs,
             features=features,
             num_proc=data_cfg.num_proc,
+            new_fingerprint=_fingerprint(dataset, fn, kwargs),
             desc=f"tokenize ({task}, {fmt})",
         )
     except UnicodeDecodeError as e:  # JSON/CSV readers keep invalid bytes; they surface when the text is read
@@ -127,6 +133,43 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
             + (" (or have no assistant turn within data.max_length)" if fmt in CONVERSATIONS else ""),
         )
     return out
+
+
+def _fingerprint(dataset, fn, kwargs: dict) -> str:
+    """The cache key of a tokenization: datasets' own (input, function, arguments) plus the source of this package's
+    data code. datasets hashes ``fn`` by reference, not by the code it calls, so after an upgrade (or an edit) of
+    hf_efftrain the same data would otherwise come back from the cache as the old code tokenized it."""
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash([dataset._fingerprint, fn.__module__, fn.__name__, kwargs, _code_digest()])
+
+
+@functools.cache
+def _code_digest() -> str:
+    """SHA-256 of the data pipeline's source files (this folder, and builtins/ for the chat templates)."""
+    from ... import builtins
+
+    h = hashlib.sha256()
+    for f in [*sorted(Path(__file__).parent.glob("*.py")), *sorted(Path(builtins.__file__).parent.glob("*.py"))]:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _turns_columns(dataset, data_cfg, task: str) -> bool:
+    """Whether the prompt and response columns hold ``{role, content}`` turns (TRL's conversational prompt-completion);
+    both or neither, and only for sft (a chat template renders them)."""
+    prompt, response, extra = prompt_completion_columns(data_cfg, dataset.column_names)
+    kinds = {f: is_turns(dataset.features[c]) for f, c in (("prompt_field", prompt), ("response_field", response))}
+    if not any(kinds.values()):
+        return False
+    if task != "sft":
+        raise RecipeError("data.prompt_field", f"turns (role, content) train a chat model: model.task sft, not {task}")
+    if not all(kinds.values()):
+        text = next(f for f, k in kinds.items() if not k)
+        raise RecipeError(f"data.{text}", "holds text while the other column holds turns: give both as turns")
+    if extra:
+        raise RecipeError("data.input_field", f"column {extra!r} is for text prompts; put it into the prompt's turns")
+    return True
 
 
 def _ids(tok, texts: list[str | None], max_length: int) -> list[list[int]]:

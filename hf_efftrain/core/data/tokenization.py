@@ -147,10 +147,9 @@ def _fingerprint(dataset, fn, kwargs: dict) -> str:
 @functools.cache
 def _code_digest() -> str:
     """SHA-256 of the data pipeline's source files (this folder, and builtins/ for the chat templates)."""
-    from ... import builtins
-
+    here = Path(__file__).parent
     h = hashlib.sha256()
-    for f in [*sorted(Path(__file__).parent.glob("*.py")), *sorted(Path(builtins.__file__).parent.glob("*.py"))]:
+    for f in [*sorted(here.glob("*.py")), *sorted((here.parents[1] / "builtins").glob("*.py"))]:
         h.update(f.read_bytes())
     return h.hexdigest()
 

@@ -218,13 +218,13 @@ def _overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -
     return mask
 
 
-def tokenize_chat(batch, indices, tok, cfg, fmt: str, loss_on: str):
+def tokenize_chat(batch, indices, tok, cfg, fmt: str, loss_on: str, turns: bool = False):
     """``datasets.map`` function: rows of ``fmt`` data -> input_ids / attention_mask / labels (+ the ``_skip``,
     ``_truncated`` flags of ``tokenization.tokenize``). A user error comes back in ``_error`` ("path<TAB>message"): a
     ``RecipeError`` does not survive the trip back from a ``num_proc`` worker (it does not unpickle)."""
     n = len(indices)
     try:
-        conversations, context = _conversations(batch, cfg, fmt, [i + 1 for i in indices])
+        conversations, context = _conversations(batch, cfg, fmt, [i + 1 for i in indices], turns)
         keep = [k for k, c in enumerate(conversations) if c]
         rows = [indices[k] + 1 for k in keep]
         ids, labels = encode(tok, [conversations[k] for k in keep], loss_on, rows, [context[k] for k in keep])
@@ -245,13 +245,16 @@ def tokenize_chat(batch, indices, tok, cfg, fmt: str, loss_on: str):
     return out
 
 
-def _conversations(batch, cfg, fmt: str, rows: list[int]) -> tuple[list[list[dict] | None], list[int]]:
-    """The rows as conversations, and per row the number of leading turns that carry no loss (a prompt's)."""
+def _conversations(
+    batch, cfg, fmt: str, rows: list[int], turns: bool = False
+) -> tuple[list[list[dict] | None], list[int]]:
+    """The rows as conversations, and per row the number of leading turns that carry no loss (a prompt's);
+    ``turns``: prompt_completion columns of turns (``tokenization._turns_columns``)."""
     none = [0] * len(rows)
     if fmt in CONVERSATIONS:
         return [to_messages(t, fmt, r) for t, r in zip(batch[conversation_column(cfg, fmt)], rows)], none
     prompt, response, extra = prompt_completion_columns(cfg, list(batch))
-    if any(isinstance(p, list) for p in batch[prompt]):  # turns (tokenization._turns_columns checked both columns)
+    if turns:
         pairs = [prompt_completion_turns(p, c, r) for p, c, r in zip(batch[prompt], batch[response], rows)]
         return [c for c, _ in pairs], [k for _, k in pairs]
     extras = batch[extra] if extra else [None] * len(rows)

@@ -81,7 +81,7 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
             check_conversation_column(dataset, data_cfg, fmt, source)
         require_template(tokenizer, "conversational prompt_completion" if turns else fmt)
         fn, features = tokenize_chat, CHAT_FEATURES
-        kwargs.update(fmt=fmt, loss_on=resolve_loss_on(data_cfg, fmt, task))
+        kwargs.update(fmt=fmt, loss_on=resolve_loss_on(data_cfg, fmt, task), turns=turns)
     elif task == "sft":
         kwargs["loss_on"] = resolve_loss_on(data_cfg, fmt, task)
     else:

@@ -188,3 +188,18 @@ def blamed(recipe: Any, technique: Technique) -> Iterator[None]:
 
 def has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def refuse_pretrained_weights(
+    recipe: Any, technique: str, keep: str = "", does: str = "re-initializes the model's weights"
+) -> None:
+    """A technique that replaces the weights (an initialization) or drops layers (progressive stacking's truncation):
+    on a model that loads pretrained ones, fine-tuning would silently start from noise or from a few layers. Refused
+    unless the recipe builds the model from its config (builtin:, ``model.from_scratch``)."""
+    model = getattr(recipe, "model", None)
+    if model is not None and getattr(model, "loads_weights", lambda: False)():
+        raise RecipeError(
+            "",
+            f"{technique} {does}, which would discard the pretrained weights of {model.name_or_path}; set "
+            f"model.from_scratch: true to pre-train this architecture from its config, or remove {technique}{keep}",
+        )

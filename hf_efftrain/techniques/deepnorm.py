@@ -47,14 +47,13 @@ from torch import nn
 from ..core.layers import layer_stacks
 from ..core.patching import Patches, patch_attr
 from ..core.registry import register_technique
-from ..core.technique import ORDER_INIT, Env, Technique, TechniqueConfig
+from ..core.technique import ORDER_INIT, Env, Technique, TechniqueConfig, refuse_pretrained_weights
 from ..errors import RecipeError
 from .t_fixup.policies import (
     MODEL_PATH,
     block_policy,
     check_recipe_model,
     proj_params,
-    refuse_pretrained_weights,
     strip_norms,
 )
 

@@ -38,13 +38,12 @@ from torch import nn
 
 from ..core.patching import Patches
 from ..core.registry import register_technique
-from ..core.technique import ORDER_INIT, Env, Technique, TechniqueConfig
+from ..core.technique import ORDER_INIT, Env, Technique, TechniqueConfig, refuse_pretrained_weights
 from .t_fixup.policies import (
     blocks_with_policies,
     check_recipe_model,
     get_module,
     proj_params,
-    refuse_pretrained_weights,
     strip_norms,
     swap_module,
 )

@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 
 from ..core.layers import base_model, layer_stacks
 from ..core.registry import register_technique
-from ..core.technique import Env, Technique, TechniqueConfig
+from ..core.technique import Env, Technique, TechniqueConfig, refuse_pretrained_weights
 from ..errors import RecipeError
 from ..runtime.flop_count import uniform_blocks
 
@@ -89,8 +89,7 @@ def _set_depth(model: nn.Module, stack: nn.ModuleList, sources: list[int]) -> No
 
 def truncate_layers(model: nn.Module, depth: int) -> int:
     """Keep the bottom ``depth`` blocks; returns the depth before."""
-    stack = _stack(model)
-    before = len(stack)
+    before = len(stack := _stack(model))
     if not 1 <= depth <= before:
         raise ValueError(f"depth must be in 1..{before}, got {depth}")
     del stack[depth:]
@@ -348,11 +347,10 @@ class ProgressiveStackingTechnique(Technique):
                 raise RecipeError(field, f"must be strictly increasing, got {values}")
         if c.grow_at_fractions is not None and not all(0 < f < 1 for f in c.grow_at_fractions):
             raise RecipeError("grow_at_fractions", f"each must be in (0, 1), got {c.grow_at_fractions}")
+        refuse_pretrained_weights(recipe, self.name, does="truncates the model to its first blocks")
         if env.world_size > 1:
-            raise RecipeError(
-                "", f"runs single-process only (world_size is {env.world_size}): growing the model under "
-                "DDP/ZeRO/FSDP would need re-wrapping it; launch one process"
-            )  # fmt: skip
+            raise RecipeError("", f"runs single-process only (world_size is {env.world_size}): growing the model "
+                              "under DDP/ZeRO/FSDP would need re-wrapping it; launch one process")  # fmt: skip
 
     def on_model(self, model: nn.Module) -> nn.Module:
         c = self.config

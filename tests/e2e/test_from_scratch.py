@@ -1,6 +1,7 @@
 """``model.from_scratch``: a saved (or hub) architecture built from its config with fresh weights, for pre-training;
-the initializations that replace weights (t_fixup, fixup, deepnorm) are refused on pretrained ones; config_overrides
-of the depth keep a per-layer ``layer_types`` consistent (Qwen2, Gemma 2) instead of failing at the final save."""
+the initializations that replace weights (t_fixup, fixup, deepnorm) and progressive stacking (which truncates the
+model) are refused on pretrained ones; config_overrides of the depth keep a per-layer ``layer_types`` consistent
+(Qwen2, Gemma 2) instead of failing at the final save."""
 
 from __future__ import annotations
 
@@ -64,11 +65,17 @@ def test_from_scratch_builds_the_architecture_with_fresh_seeded_weights(qwen_fol
 
 @pytest.mark.parametrize(
     "technique",
-    [{"name": "t_fixup"}, {"name": "fixup"}, {"name": "deepnorm"}],
+    [
+        {"name": "t_fixup"},
+        {"name": "fixup"},
+        {"name": "deepnorm"},
+        {"name": "progressive_stacking", "start_layers": 1},
+    ],
 )
-def test_an_init_that_replaces_weights_is_refused_on_pretrained_weights(qwen_folder, tiny_recipe, technique):
+def test_a_technique_that_discards_weights_is_refused_on_pretrained_weights(qwen_folder, tiny_recipe, technique):
     name = technique["name"]
-    with pytest.raises(RecipeError, match=rf"techniques\[0\]: {name} re-initializes .*model.from_scratch: true"):
+    does = "truncates the model" if name == "progressive_stacking" else "re-initializes"
+    with pytest.raises(RecipeError, match=rf"techniques\[0\]: {name} {does} .*model.from_scratch: true"):
         make_techniques(_recipe(tiny_recipe, qwen_folder, [technique]))
     make_techniques(_recipe(tiny_recipe, qwen_folder, [technique], from_scratch=True))
     make_techniques(Recipe.parse(tiny_recipe(techniques=[technique])))  # builtin: built from config already

@@ -49,7 +49,7 @@ from transformers import TrainingArguments
 from ...core.layers import layer_stacks
 from ...core.patching import Patches
 from ...core.registry import register_technique
-from ...core.technique import ORDER_INIT, Env, Technique, TechniqueConfig
+from ...core.technique import ORDER_INIT, Env, Technique, TechniqueConfig, refuse_pretrained_weights
 from ...errors import RecipeError
 from .policies import (  # noqa: F401  (re-exported: the policy API lives with the technique that introduced it)
     MODEL_PATH,
@@ -63,7 +63,6 @@ from .policies import (  # noqa: F401  (re-exported: the policy API lives with t
     check_recipe_model,
     input_embeddings,
     proj_params,
-    refuse_pretrained_weights,
     register_block_policy,
     strip_norms,
     supported_blocks,

@@ -287,16 +287,3 @@ def check_recipe_model(recipe: Any, check: Callable[[nn.Module], Any]) -> None:
         check(model)
     except RecipeError as e:
         raise RecipeError("", f"{e.message} (model.name_or_path={recipe.model.name_or_path})") from None
-
-
-def refuse_pretrained_weights(recipe: Any, technique: str, keep: str = "") -> None:
-    """An initialization replaces the weights: on a model that loads pretrained ones, fine-tuning would silently start
-    from noise. Refused unless the recipe builds the model from its config (builtin:, ``model.from_scratch``)."""
-    model = getattr(recipe, "model", None)
-    if model is not None and getattr(model, "loads_weights", lambda: False)():
-        raise RecipeError(
-            "",
-            f"{technique} re-initializes the model's weights, which would discard the pretrained weights of "
-            f"{model.name_or_path}; set model.from_scratch: true to pre-train this architecture from its config, "
-            f"or remove {technique}{keep}",
-        )

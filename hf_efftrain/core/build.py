@@ -180,7 +180,10 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
 
     task, train_dataset, eval_dataset, stats = load_data(recipe, config, tokenizer, args, techniques)
 
-    model = load_model(recipe, config, task, model_kwargs(recipe, techniques))
+    kwargs = model_kwargs(recipe, techniques)
+    if stats.get("classifier_head") == "re-initialized":  # the data's classes are not the checkpoint's
+        kwargs["ignore_mismatched_sizes"] = True
+    model = load_model(recipe, config, task, kwargs)
     check_vocab(model, tokenizer)
     for t in techniques:
         with blamed(recipe, t):
@@ -216,20 +219,15 @@ def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Techniqu
         cols = data_mod.task_columns(task, recipe.data, sources.columns)
         # Seeded like the Trainer's sampler, so a resumed run rebuilds the same mixture and held-out rows.
         train_split, eval_split = sources.splits(cols, args.seed if args.data_seed is None else args.data_seed)
-        if task == "classification":
-            splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field)
+        stats: dict[str, Any] = {}
+        if task == "classification":  # class ids agreed with the checkpoint's head (data/labels.py)
+            head = data_mod.checkpoint_head(config) if recipe.model.loads_weights() else None
+            splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field, head)
             train_split, eval_split = splits["train"], splits.get("eval")
-            if recipe.model.num_labels is not None and recipe.model.num_labels < len(names):
-                raise RecipeError(
-                    "model.num_labels", f"{recipe.model.num_labels} but the data has {len(names)} classes"
-                )
-            config.num_labels = recipe.model.num_labels or len(names)
-            config.id2label = dict(enumerate(names))
-            config.label2id = {n: i for i, n in enumerate(names)}
+            stats.update(data_mod.set_label_config(config, names, recipe.model.num_labels, head))
             config.pad_token_id = tokenizer.pad_token_id
         train_split = _head(train_split, recipe.data.max_train_samples)
         eval_split = _head(eval_split, recipe.data.max_eval_samples)
-        stats: dict[str, Any] = {}
         train_dataset = data_mod.tokenize(train_split, task, tokenizer, recipe.data, "data.train", stats)
         eval_dataset = (
             data_mod.tokenize(eval_split, task, tokenizer, recipe.data, "data.eval", stats) if eval_split else None

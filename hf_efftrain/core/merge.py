@@ -93,7 +93,13 @@ def merge_adapter(
     config = _base_config(base, peft_config.revision, model_config)
     cls = base_model_class(peft_config)
     logger.info("merge: loading %s (%s, dtype %s) on the CPU", base, cls.__name__, dtype)
-    model = cls.from_pretrained(base, revision=peft_config.revision, config=config, dtype=dtype)
+    # A classifier head resized to the run's classes (data/labels.py) comes from the adapter (modules_to_save).
+    resized = getattr(config, "num_labels", None) != getattr(
+        _base_config(base, peft_config.revision, None), "num_labels", None
+    )
+    model = cls.from_pretrained(
+        base, revision=peft_config.revision, config=config, dtype=dtype, ignore_mismatched_sizes=resized
+    )
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

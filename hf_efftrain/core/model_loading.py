@@ -105,9 +105,29 @@ def load_model(recipe: Recipe, config, task: str, kwargs: dict[str, Any]):
     if Path(name).is_dir():
         check_weight_files(Path(name))
     try:
-        return auto.from_pretrained(name, config=config, revision=recipe.model.revision, **kwargs)
+        if not kwargs.get("ignore_mismatched_sizes"):
+            return auto.from_pretrained(name, config=config, revision=recipe.model.revision, **kwargs)
+        model, info = auto.from_pretrained(
+            name, config=config, revision=recipe.model.revision, output_loading_info=True, **kwargs
+        )
     except OSError as e:  # no weights file in the folder, or one that cannot be read
         raise RecipeError("model.name_or_path", f"could not load the weights of {name}: {_first_line(e)}") from None
+    _only_the_head_resized(model, info)
+    return model
+
+
+def _only_the_head_resized(model, info: dict[str, Any]) -> None:
+    """``ignore_mismatched_sizes`` is asked for a classifier head resized to the data's classes (data/labels.py);
+    a weight of the body with another shape (a width in ``config_overrides``) must not be re-initialized silently."""
+    prefix = f"{model.base_model_prefix}."
+    head = {n for n, _ in model.named_parameters() if not n.startswith(prefix)}
+    body = sorted(k for k, *_ in info.get("mismatched_keys", ()) if k not in head)
+    if body:
+        raise RecipeError(
+            "model.config_overrides",
+            f"weights of {model.name_or_path} would change shape ({', '.join(body[:3])}); override the shapes of a "
+            "pretrained model only with model.from_scratch: true",
+        )
 
 
 # What ``from_config`` takes of the load-time keyword arguments; the others exist for ``from_pretrained`` only.

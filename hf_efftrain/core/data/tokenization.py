@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 # Template for SFT prompts on a tokenizer without a chat template: the loss only covers what follows it.
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
-# Class ids name the rows of the classifier head: an id of 10**9 would allocate a billion-row head.
-MAX_CLASSES = 100_000
 
 
 def task_columns(task: str, data_cfg, columns: list[str] | None = None) -> dict[str, str]:
@@ -282,49 +280,3 @@ def _classification(batch, tok, cfg):
         "labels": batch[cfg.label_field],
         **flags,
     }
-
-
-def encode_labels(dataset_dict, label_field: str):
-    """Make the label column integer class ids; return (dataset_dict, class names)."""
-    import datasets
-
-    feature = dataset_dict["train"].features[label_field]
-    integer = isinstance(feature, datasets.Value) and (
-        feature.dtype.startswith(("int", "uint")) or feature.dtype == "bool"
-    )
-    text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-    if not (isinstance(feature, datasets.ClassLabel) or integer or text):
-        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
-        raise RecipeError(
-            "data.label_field",
-            f"column {label_field!r} must hold class ids (integers) or class names (strings), not {kind}",
-        )
-    for split in list(dataset_dict):  # a row without a label cannot be learned from: skip it, counted
-        before = len(dataset_dict[split])
-        dataset_dict[split] = dataset_dict[split].filter(lambda v: v is not None, input_columns=label_field)
-        if len(dataset_dict[split]) < before:
-            skipped = before - len(dataset_dict[split])
-            logger.info("data.%s: %d of %d rows skipped (null %s)", split, skipped, before, label_field)
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-    elif text:
-        names = sorted({str(v) for split in dataset_dict.values() for v in split[label_field]})
-        dataset_dict = dataset_dict.cast_column(label_field, datasets.ClassLabel(names=names))
-    else:
-        values = sorted({int(v) for split in dataset_dict.values() for v in split[label_field]})
-        if values and (values[0] < 0):
-            raise RecipeError("data.label_field", f"labels must be >= 0 class ids or strings (got {values[0]})")
-        if values and values[-1] >= MAX_CLASSES:
-            raise RecipeError("data.label_field", f"class id {values[-1]} is too large; ids are 0..{MAX_CLASSES - 1}")
-        names = [str(i) for i in range((values[-1] + 1) if values else 0)]
-    if len(names) > MAX_CLASSES:
-        raise RecipeError("data.label_field", f"{len(names)} classes; at most {MAX_CLASSES}")
-    train = dataset_dict["train"]
-    present = sorted(set(train[label_field]))
-    if len(present) < 2:
-        shown = ", ".join(names[int(i)] for i in present) or "none"
-        raise RecipeError(
-            "data.label_field",
-            f"classification needs at least 2 classes in the training set; column {label_field!r} has {shown}",
-        )
-    return dataset_dict, names

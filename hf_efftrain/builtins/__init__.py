@@ -4,9 +4,10 @@ built-ins"). A recipe names them as ``builtin:<name>`` in ``model.name_or_path``
 
 from __future__ import annotations
 
+from .chat_templates import CHAT_TEMPLATES, TEMPLATE_TOKENS
 from .data import BUILTIN_DATASETS, PREFIX, load_builtin_dataset
 from .models import BUILTIN_MODELS, builtin_config
-from .tokenizer import CHAT_TEMPLATES, get_tokenizer
+from .tokenizer import get_tokenizer
 
 
 def is_builtin(s: str) -> bool:
@@ -24,6 +25,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "CHAT_TEMPLATES",
     "PREFIX",
+    "TEMPLATE_TOKENS",
     "builtin_config",
     "get_tokenizer",
     "is_builtin",

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..cache import cache_dir, cached_dir
+from .chat_templates import CHATML_TEMPLATE
 from .data import load_builtin_dataset
 
 logger = logging.getLogger(__name__)
@@ -38,20 +39,6 @@ NAMED_SPECIAL_TOKENS = {
 SENTINELS = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 CACHE_KEY = "tokenizer-v2"  # v2: the ChatML tokens and chat template
-# The answer and its end-of-turn marker (and the newline after it) are inside {% generation %}: the tokens an
-# assistant turn adds, the same span a render-by-prefix finds for a template without markers.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>\\n' }}{%- endgeneration %}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}  # the names model.chat_template accepts
 
 
 def _train(folder: Path) -> None:

@@ -41,12 +41,14 @@ def train(
     resume = recipe.training.get("resume_from_checkpoint") if resume is None else resume
     if isinstance(resume, str) and resume.lower() != "true" and not os.path.isdir(resume):  # before any work
         raise CheckpointError(f"no checkpoint folder at {resume}")
-    if int(os.environ.get("RANK", "0")) == 0:
-        with writing(f"the output folder {out}"):
-            for name in REPORT_FILES:  # a stale report must not describe this run, even if it dies early
-                (out / name).unlink(missing_ok=True)
     built = build(recipe)
     check_engine(built.trainer)  # a ZeRO/FSDP launch line must not quietly train as plain DDP
+    # Only now, with the recipe built: a recipe refused while building leaves an earlier run's report describing its
+    # model; from here on a stale report must not describe this run, even if it dies early.
+    if int(os.environ.get("RANK", "0")) == 0:
+        with writing(f"the output folder {out}"):
+            for name in REPORT_FILES:
+                (out / name).unlink(missing_ok=True)
     trainer = built.trainer
     if resume is True and not list_checkpoints(str(out)):
         logger.warning("resume: no checkpoint in %s yet, starting from scratch", out)

@@ -42,7 +42,8 @@ class ModelSection(_Section):
     chat_template: str | None = Field(
         None,
         min_length=1,
-        description="set or override the tokenizer's chat template: a Jinja file, inline Jinja, or a name (chatml)",
+        description="set or override the tokenizer's chat template: a Jinja file, inline Jinja, or a name (chatml, "
+        "llama3, gemma)",
     )
 
     @field_validator("chat_template")

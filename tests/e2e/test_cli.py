@@ -85,6 +85,19 @@ def test_killed_run_leaves_no_report(tmp_path, tiny_recipe):
     assert not (out / "run_report.json").exists()
 
 
+def test_a_recipe_refused_while_building_leaves_the_earlier_runs_report(tmp_path, tiny_recipe):
+    from hf_efftrain import Recipe, RecipeError, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_report.json").write_text('{"steps": 3}')  # a finished earlier run in the same folder
+    data = {"train": "builtin:chat-synthetic"}  # the template is refused while building, after the recipe parsed
+    bad = tiny_recipe(model={"chat_template": "llama3"}, data=data, training={"output_dir": str(out)})
+    with pytest.raises(RecipeError, match="model.chat_template: llama3 writes"):
+        train(Recipe.parse(bad))
+    assert (out / "run_report.json").read_text() == '{"steps": 3}'
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_recipe):
     path = tmp_path / "r.yaml"

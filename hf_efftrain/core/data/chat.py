@@ -28,7 +28,7 @@ from typing import Any
 
 import datasets
 
-from ...builtins import CHAT_TEMPLATES
+from ...builtins import CHAT_TEMPLATES, TEMPLATE_TOKENS
 from ...errors import RecipeError
 from .formats import (
     CONVERSATIONS,
@@ -58,6 +58,7 @@ def with_chat_template(tokenizer, spec: str | None):
 
     if spec in CHAT_TEMPLATES:
         text = CHAT_TEMPLATES[spec]
+        _require_tokens(tokenizer, spec)
     elif "{{" in spec or "{%" in spec:
         text = spec
     else:
@@ -72,6 +73,19 @@ def with_chat_template(tokenizer, spec: str | None):
     except jinja2.TemplateError as e:
         raise RecipeError("model.chat_template", f"not a usable chat template: {type(e).__name__}: {e}") from None
     return tokenizer
+
+
+def _require_tokens(tokenizer, name: str) -> None:
+    """A named template's control tokens must be single tokens of the tokenizer (the model family's own)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TEMPLATE_TOKENS[name] if t not in vocab]
+    if missing:
+        fits = [n for n, tokens in TEMPLATE_TOKENS.items() if tokens and all(t in vocab for t in tokens)]
+        raise RecipeError(
+            "model.chat_template",
+            f"{name} writes {', '.join(missing)}, which this tokenizer does not have as a token (a template of "
+            f"another model family); use {' or '.join(fits + ['chatml'])}, a Jinja file, or inline Jinja",
+        )
 
 
 def template_of(tokenizer) -> str | None:

@@ -97,6 +97,17 @@ def test_model_num_labels_sizes_the_head_beyond_the_datas_classes(tmp_path, tiny
     assert built.model.config.id2label[4] == "LABEL_4"
 
 
+def test_el2n_pruning_trains_its_proxy_on_a_resized_head(tmp_path, tiny_recipe):
+    folder = _classifier(tmp_path / "clf", None)
+    recipe = tiny_recipe(
+        model={"name_or_path": str(folder), "task": "classification", "config_overrides": {}},
+        data={"train": str(_csv(tmp_path / "d.csv", ["a", "b", "c"] * 8)), "max_length": 16},
+        techniques=[{"name": "data_pruning", "score": "el2n", "proxy_steps": 2, "reuse_scores": False}],
+    )
+    built = build(Recipe.parse(recipe))  # the proxy is the checkpoint with a 3-row head, like the run's model
+    assert len(built.train_dataset) == 12 and _head(built.model).shape[0] == 3
+
+
 def test_a_width_override_of_pretrained_weights_is_named_not_re_initialized(tmp_path, tiny_recipe):
     from hf_efftrain.errors import RecipeError
 

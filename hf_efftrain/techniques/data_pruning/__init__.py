@@ -230,7 +230,7 @@ class DataPruningTechnique(Technique):
         """A fresh copy of the run's model (same config and init), trained ``proxy_steps`` steps."""
         import transformers
 
-        from ...core.data import make_collator
+        from ...core.data import checkpoint_head, make_collator
         from ...core.model_loading import load_config, load_model
 
         if self.recipe is None:
@@ -241,14 +241,17 @@ class DataPruningTechnique(Technique):
         task = _task(recipe, dataset, config)
         if task == "masked_lm":
             raise self._error("score", "el2n needs labels in the data; masked_lm has none (use length or perplexity)")
-        if task == "classification":
-            config.num_labels = recipe.model.num_labels or int(max(dataset["labels"])) + 1
+        head = checkpoint_head(config) if task == "classification" and recipe.model.loads_weights() else None
+        if task == "classification":  # sized as the run's own head (core/data/labels.py)
+            config.num_labels = recipe.model.num_labels or max(int(max(dataset["labels"])) + 1, len(head or ()))
             config.pad_token_id = tokenizer.pad_token_id
         for k, v in c.proxy_config_overrides.items():
             if not hasattr(config, k):
                 raise self._error(f"proxy_config_overrides.{k}", f"not a field of {type(config).__name__}")
             setattr(config, k, v)
         kwargs = {"attn_implementation": recipe.model.attn_implementation} if recipe.model.attn_implementation else {}
+        if head is not None and len(head) != config.num_labels:
+            kwargs["ignore_mismatched_sizes"] = True  # the checkpoint's head is of another size: a new one
         transformers.set_seed(seed)
         model = load_model(recipe, config, task, kwargs).to(device).train()
         collator = make_collator(task, tokenizer, model)

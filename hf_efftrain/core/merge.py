@@ -49,7 +49,8 @@ def base_model_class(peft_config: Any):
 
 def _base_config(base: str, revision: str | None, saved: dict[str, Any] | None):
     """The config the adapter was trained on: ``saved`` (run_report.json's ``model_config``: labels and
-    ``config_overrides`` included) over the base's own, minus any load-time quantization."""
+    ``config_overrides`` included) over the base's own, minus any load-time quantization; and whether its
+    classifier head is another size than the base's (data/labels.py re-initialized it for the run's classes)."""
     from transformers import AutoConfig
 
     try:
@@ -61,11 +62,12 @@ def _base_config(base: str, revision: str | None, saved: dict[str, Any] | None):
         ) from None
     if getattr(config, "quantization_config", None):
         raise RecipeError("RUN_DIR", f"the base {base} is a quantized checkpoint; merge into its unquantized original")
+    base_labels = getattr(config, "num_labels", None)
     if saved:
         config = type(config).from_dict({k: v for k, v in saved.items() if k != "quantization_config"})
     if hasattr(config, "quantization_config"):  # quantized at load time (QLoRA): reload the original weights
         del config.quantization_config
-    return config
+    return config, getattr(config, "num_labels", None) != base_labels
 
 
 def merge_adapter(
@@ -90,13 +92,10 @@ def merge_adapter(
             "the adapter records no base model: it was trained on a model built from config (builtin:), which has "
             "no weights to reload; train from a save_pretrained folder or a hub id to merge",
         )
-    config = _base_config(base, peft_config.revision, model_config)
+    config, resized = _base_config(base, peft_config.revision, model_config)
     cls = base_model_class(peft_config)
     logger.info("merge: loading %s (%s, dtype %s) on the CPU", base, cls.__name__, dtype)
-    # A classifier head resized to the run's classes (data/labels.py) comes from the adapter (modules_to_save).
-    resized = getattr(config, "num_labels", None) != getattr(
-        _base_config(base, peft_config.revision, None), "num_labels", None
-    )
+    # A resized classifier head's weights come from the adapter (modules_to_save), not the base.
     model = cls.from_pretrained(
         base, revision=peft_config.revision, config=config, dtype=dtype, ignore_mismatched_sizes=resized
     )

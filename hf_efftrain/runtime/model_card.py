@@ -117,9 +117,8 @@ def _load_snippet(folder: str, report: dict[str, Any], kind: Kind) -> list[str]:
         if suffix == "SequenceClassification" and labels:
             # PEFT rebuilds the base from its own config.json, which does not know this head's label count.
             extra = f", num_labels={len(labels)}"
-            if (report.get("data") or {}).get(
-                "classifier_head"
-            ) == "re-initialized":  # the base's head is another size
+            head = (report.get("data") or {}).get("classifier_head")
+            if head == "re-initialized":  # the base's head is another size
                 extra += ", ignore_mismatched_sizes=True"
     return ["```python", f"from {module} import {cls}", "", f'model = {cls}.from_pretrained("{folder}"{extra})', "```"]
 

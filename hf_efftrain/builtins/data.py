@@ -38,7 +38,9 @@ from ..errors import RecipeError
 logger = logging.getLogger(__name__)
 
 PREFIX = "builtin:"  # how a recipe names a built-in: builtin:<name>
-BUILTIN_DATASETS: tuple[str, ...] = ("stdlib-docs", "sft-synthetic", "chat-synthetic", "cls-synthetic")
+BUILTIN_DATASETS: tuple[str, ...] = (
+    "stdlib-docs", "sft-synthetic", "chat-synthetic", "cls-synthetic", "pref-synthetic"
+)  # fmt: skip
 
 SEED = 1234
 VALIDATION_PERMILLE = 50  # ~5% of rows, chosen by a stable hash of the row's text
@@ -315,6 +317,33 @@ def _build_cls_synthetic() -> datasets.DatasetDict:
     return _split([{"text": t, "label": y} for t, y in rows.items()], "text", features)
 
 
+# ---------------------------------------------------------------------------------------- pref-synthetic
+
+PREF_ROWS = 4000
+
+
+def worse_answer(rng: random.Random, answer: str) -> str:
+    """A wrong answer of the same kind: a number off by 1-9, the words out of order, a word misspelt."""
+    if answer.lstrip("-").isdigit():
+        return str(int(answer) + rng.choice((-1, 1)) * rng.randint(1, 9))
+    words = answer.split()
+    if len(set(words)) > 1:
+        while (shuffled := rng.sample(words, len(words))) == words:
+            pass
+        return " ".join(shuffled)
+    return answer[::-1] if answer[::-1] != answer else answer + answer[-1]
+
+
+def _build_pref_synthetic() -> datasets.DatasetDict:
+    """sft-synthetic's tasks as preference pairs (TRL's prompt / chosen / rejected): the right answer is chosen."""
+    rng, vocab = random.Random(SEED), vocabulary()
+    rows: dict[str, tuple[str, str]] = {}
+    while len(rows) < PREF_ROWS:  # unique prompts, so no prompt is in both splits
+        prompt, answer = _sft_example(rng, vocab)
+        rows.setdefault(prompt, (answer, worse_answer(rng, answer)))
+    return _split([{"prompt": p, "chosen": c, "rejected": r} for p, (c, r) in rows.items()], "prompt")
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 _BUILDERS: dict[str, Callable[[], datasets.DatasetDict]] = {
@@ -322,6 +351,7 @@ _BUILDERS: dict[str, Callable[[], datasets.DatasetDict]] = {
     "sft-synthetic": _build_sft_synthetic,
     "chat-synthetic": _build_chat_synthetic,
     "cls-synthetic": _build_cls_synthetic,
+    "pref-synthetic": _build_pref_synthetic,
 }
 
 

@@ -139,13 +139,34 @@ def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
     arch = (getattr(config, "architectures", None) or [""])[0]
     if arch.endswith("ForSequenceClassification") or d.label_field in columns and d.text_field in columns:
         return "classification"
-    if data_mod.data_format(d, columns) != "text":  # prompt_completion, messages, sharegpt (core/data/formats.py)
+    fmt = data_mod.data_format(d, columns)
+    if fmt == "preference":
+        if config.is_encoder_decoder:
+            raise RecipeError("model.task", "preference data trains a decoder-only model here, not an encoder-decoder")
+        return "preference"
+    if fmt != "text":  # prompt_completion, messages, sharegpt (core/data/formats.py)
         return "seq2seq" if config.is_encoder_decoder else "sft"
     if arch.endswith("ForMaskedLM"):
         return "masked_lm"
     if config.is_encoder_decoder:
         return "seq2seq"
     return "causal_lm"
+
+
+def _require_objective(task: str, techniques) -> None:
+    """A task whose loss no model computes (preference pairs) needs a technique that defines it, and such a
+    technique needs its task (``Technique.objective``)."""
+    objectives = [t for t in techniques if t.objective]
+    if task == "preference" and not objectives:
+        raise RecipeError(
+            "techniques", "preference data (chosen / rejected) needs a preference objective: add {name: dpo}"
+        )
+    for t in objectives:
+        if t.objective != task:
+            raise RecipeError(
+                "model.task",
+                f"{t.name} trains on {t.objective} data (prompt, chosen, rejected columns), not {task}",
+            )
 
 
 def make_training_args(recipe: Recipe, techniques: list[Technique]):
@@ -210,12 +231,13 @@ def build(recipe: Recipe, env: Env | None = None) -> Built:
     )
 
 
-def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Technique] | tuple = ()):
-    """Load, check and tokenize the train/eval data, then the techniques' ``on_dataset`` (none given: the
+def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Technique] | tuple = (), transform=True):
+    """Load, check and tokenize the train/eval data, then the techniques' ``on_dataset`` (``transform=False``: the
     tokenized data as is, what ``dry_run`` checks); returns (task, train, eval, stats)."""
     with args.main_process_first(desc="load and tokenize data"):
         sources = data_mod.load_sources(recipe.data)  # data.train (one source or a weighted list), data.eval
         task = infer_task(recipe, config, sources.columns)
+        _require_objective(task, techniques)
         cols = data_mod.task_columns(task, recipe.data, sources.columns)
         # Seeded like the Trainer's sampler, so a resumed run rebuilds the same mixture and held-out rows.
         train_split, eval_split = sources.splits(cols, args.seed if args.data_seed is None else args.data_seed)
@@ -233,7 +255,7 @@ def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Techniqu
             data_mod.tokenize(eval_split, task, tokenizer, recipe.data, "data.eval", stats) if eval_split else None
         )
         check_data_fits(recipe, config, args, train_dataset, eval_dataset)
-        for t in techniques:
+        for t in techniques if transform else ():
             with blamed(recipe, t):
                 train_dataset = t.on_dataset(train_dataset, tokenizer)
 

@@ -37,6 +37,7 @@ from ..runtime.checkpoint import CheckpointError
 from ..runtime.distributed import check_engine, prepare_launch_env
 from . import data as data_mod
 from .build import load_data, load_tokenizer, make_techniques, make_training_args
+from .data.preference import REJECTED
 from .evaluation import metric_kwargs
 from .example import render_example
 from .model_loading import (
@@ -90,7 +91,7 @@ def dry_build(recipe: Recipe, env: Env | None = None) -> DryBuild:
     transformers.set_seed(args.seed)
     tokenizer = load_tokenizer(recipe)
     config = load_config(recipe, tokenizer)
-    task, train_dataset, eval_dataset, stats = load_data(recipe, config, tokenizer, args)
+    task, train_dataset, eval_dataset, stats = load_data(recipe, config, tokenizer, args, techniques, transform=False)
 
     model = meta_model(recipe, config, task, model_kwargs(recipe, techniques))
     check_vocab(model, tokenizer)
@@ -194,4 +195,8 @@ def example_lines(dry: DryBuild) -> list[str]:
     config = dry.model.config
     names = config.id2label if dry.task == "classification" else None
     aligned = not getattr(config, "is_encoder_decoder", False)
-    return render_example(dry.tokenizer, row["input_ids"], row.get("labels"), aligned, names)
+    lines = render_example(dry.tokenizer, row["input_ids"], row.get("labels"), aligned, names)
+    if REJECTED + "input_ids" in row:  # a preference pair: the chosen side above, the rejected one below
+        rejected = render_example(dry.tokenizer, row[REJECTED + "input_ids"], row[REJECTED + "labels"], True, None)
+        lines = [f"chosen {lines[0]}", *lines[1:], f"rejected {rejected[0]}", *rejected[1:]]
+    return lines

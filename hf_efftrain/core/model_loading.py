@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 TASK_AUTO_CLASS = {
     "causal_lm": "AutoModelForCausalLM",
     "sft": "AutoModelForCausalLM",
+    "preference": "AutoModelForCausalLM",
     "masked_lm": "AutoModelForMaskedLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "classification": "AutoModelForSequenceClassification",

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 
 from .recipe_checks import attn_implementation_problem
 
-TASKS = ("auto", "causal_lm", "sft", "masked_lm", "seq2seq", "classification")
-DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt")
+TASKS = ("auto", "causal_lm", "sft", "preference", "masked_lm", "seq2seq", "classification")
+DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "preference")
 LOSS_ON = ("assistant_only", "completion_only", "all")
 
 
@@ -158,11 +158,14 @@ class DataSection(_Section):
     prompt_field: str = Field("prompt", description="SFT / seq2seq input column")
     response_field: str = Field("response", description="SFT / seq2seq target column")
     label_field: str = Field("label", description="classification label column")
+    chosen_field: str = Field("chosen", description="preference: the preferred response (text or turns)")
+    rejected_field: str = Field("rejected", description="preference: the dispreferred response (text or turns)")
     max_length: int = Field(256, ge=8, le=1_048_576, description="tokens per example (longer ones are truncated)")
     max_train_samples: int | None = Field(None, ge=1, description="keep the first N training examples")
     max_eval_samples: int | None = Field(None, ge=1, description="keep the first N evaluation examples")
     format: Literal[DATA_FORMATS] = Field(
-        "auto", description="auto: from the columns (messages, conversations, prompt + response, else text)"
+        "auto",
+        description="auto: from the columns (chosen + rejected, messages, conversations, prompt + response, or text)",
     )
     messages_field: str | None = Field(
         None, min_length=1, description="messages / sharegpt: the column of turns (default messages / conversations)"

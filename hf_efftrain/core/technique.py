@@ -87,6 +87,9 @@ class Technique:
     requires: ClassVar[frozenset[str]] = frozenset()
     conflicts: ClassVar[frozenset[str]] = frozenset()
     order: ClassVar[int] = ORDER_DEFAULT
+    # The task whose loss this technique's ``loss`` defines (dpo: "preference"): no model computes it, so the hook
+    # also gives the evaluation loss, and the task is refused without such a technique (build._require_objective).
+    objective: ClassVar[str | None] = None
 
     def __init__(self, config: TechniqueConfig | None = None, **kwargs: Any):
         self.config = config if config is not None else self.Config(name=self.name, **kwargs)
@@ -141,6 +144,11 @@ class Technique:
 
     def callbacks(self) -> list[TrainerCallback]:
         return []
+
+    def metrics(self, split: str) -> dict[str, float]:
+        """Numbers for the log line being written (``split``: "train" or "eval"), e.g. averages since the last
+        line; EffTrainer.log adds them (under ``eval_`` for an evaluation)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Whatever resuming this technique needs: plain containers and tensors (saved with torch.save in every

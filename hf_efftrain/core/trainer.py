@@ -62,13 +62,25 @@ class EffTrainer(Trainer):
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.techniques and model.training and not return_outputs:
+        if self.techniques and (model.training and not return_outputs or self._objective):
             default = partial(super().compute_loss, num_items_in_batch=num_items_in_batch)
             for t in self.techniques:
                 loss = t.loss(model, inputs, default)
                 if loss is not None:
-                    return loss
+                    # An objective's evaluation has its loss only (prediction_step reads outputs as a mapping).
+                    return (loss, {}) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @property
+    def _objective(self) -> bool:
+        return any(t.objective for t in self.techniques)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        for t in self.techniques:
+            for k, v in t.metrics(split).items():
+                logs[f"eval_{k}" if split == "eval" else k] = v
+        super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """As the stock ``train``, but ``resume_from_checkpoint=True`` takes the newest checkpoint that verifies

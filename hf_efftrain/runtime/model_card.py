@@ -26,6 +26,7 @@ RELATION = {"adapter": "adapter", "merged": "merge", "full": "finetune"}
 PIPELINE = {
     "causal_lm": "text-generation",
     "sft": "text-generation",
+    "preference": "text-generation",
     "classification": "text-classification",
     "masked_lm": "fill-mask",
     "seq2seq": "text2text-generation",
@@ -33,6 +34,7 @@ PIPELINE = {
 AUTO_SUFFIX = {  # transformers' AutoModelFor<suffix> / PEFT's AutoPeftModelFor<suffix>
     "causal_lm": "CausalLM",
     "sft": "CausalLM",
+    "preference": "CausalLM",
     "classification": "SequenceClassification",
     "seq2seq": "Seq2SeqLM",
     "masked_lm": "MaskedLM",

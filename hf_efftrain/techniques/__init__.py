@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     data_pruning,
     deepnorm,
     divergence_guard,
+    dpo,
     fixup,
     fp16,
     fused_kernels,

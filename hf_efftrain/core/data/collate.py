@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import RecipeError
+from .preference import PreferenceCollator
 
 
 def make_collator(task: str, tokenizer, model: Any = None, mlm_probability: float = 0.15):
@@ -18,4 +19,5 @@ def make_collator(task: str, tokenizer, model: Any = None, mlm_probability: floa
     if task == "classification":
         return DataCollatorWithPadding(tokenizer)
     # Pads input_ids/attention_mask with the pad id and labels with -100 (no loss on padding).
-    return DataCollatorForSeq2Seq(tokenizer, model=model if task == "seq2seq" else None, label_pad_token_id=-100)
+    pad = DataCollatorForSeq2Seq(tokenizer, model=model if task == "seq2seq" else None, label_pad_token_id=-100)
+    return PreferenceCollator(pad) if task == "preference" else pad

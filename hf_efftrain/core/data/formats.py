@@ -10,8 +10,12 @@
   a content given as parts (``[{type: text, text}]``) is their text joined (other part types are refused).
 - ``sharegpt``: a column (default ``conversations``) of ``{from, value}`` turns, ``from`` mapped to a role.
 
-``auto`` picks, in this order: a ``messages`` column, a ``conversations`` column, a prompt and a response column,
-else text. Preference data (chosen / rejected) is not a format here. Conversations are rendered by ``chat.py``.
+- ``preference``: a prompt, a preferred and a dispreferred response (``data.prompt_field``, ``chosen_field``,
+  ``rejected_field``; TRL's preference format), as text or turns; turns may leave the prompt out, as the turns
+  the two share (``preference.py``). Trained by a preference objective (the ``dpo`` technique).
+
+``auto`` picks, in this order: chosen and rejected columns, a ``messages`` column, a ``conversations`` column, a
+prompt and a response column, else text. Conversations are rendered by ``chat.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ TASK_FORMATS = {
     "classification": ("text",),
     "seq2seq": ("prompt_completion", "text"),
     "sft": ("prompt_completion", "messages", "sharegpt"),
+    "preference": ("preference",),
 }
 # data.loss_on each format allows; the first is its default.
 LOSS_ON = {
@@ -78,7 +83,13 @@ def data_format(cfg, columns, task: str = "auto") -> str:
     fmt = cfg.format if cfg.format != "auto" else _infer(cfg, columns, task)
     allowed = TASK_FORMATS.get(task, ())
     if allowed and fmt not in allowed:
-        fix = "a decoder-only model (model.task sft)" if fmt in CONVERSATIONS else " or ".join(allowed)
+        fix = (
+            "a decoder-only model (model.task sft)"
+            if fmt in CONVERSATIONS
+            else "model.task preference and a preference objective (techniques: [{name: dpo}])"
+            if fmt == "preference"
+            else " or ".join(allowed)
+        )
         raise RecipeError("data.format", f"{fmt} data does not fit model.task {task}; it needs {fix}")
     return fmt
 
@@ -86,6 +97,10 @@ def data_format(cfg, columns, task: str = "auto") -> str:
 def _infer(cfg, columns, task: str) -> str:
     if task in ("causal_lm", "masked_lm", "classification"):
         return "text"
+    if cfg.chosen_field in columns and cfg.rejected_field in columns:
+        return "preference"
+    if task == "preference":  # the missing column is named by tokenize
+        return "preference"
     if cfg.messages_field is not None:  # named explicitly: a conversation column, whatever its keys say
         keys = _turn_keys(columns.get(cfg.messages_field) if isinstance(columns, dict) else None)
         return "sharegpt" if {"from", "value"} <= keys else "messages"

@@ -21,6 +21,8 @@ from .formats import is_turns
 
 logger = logging.getLogger(__name__)
 
+TURN_FIELDS = ("data.prompt_field", "data.response_field", "data.chosen_field", "data.rejected_field")
+
 # Local file suffix -> `datasets` builder name.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -189,8 +191,8 @@ def require_columns(dataset, columns: dict[str, str], source: str) -> None:
             raise RecipeError(field, f"column {column!r} not in {source} (columns: {', '.join(dataset.column_names)})")
         feature = dataset.features[column]
         is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-        if field in ("data.prompt_field", "data.response_field") and is_turns(feature):
-            continue  # TRL's conversational prompt-completion (formats.prompt_completion_turns)
+        if field in TURN_FIELDS and is_turns(feature):
+            continue  # TRL's conversational prompt-completion and preference (formats.py)
         if field != "data.label_field" and not is_text:
             kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
             raise RecipeError(field, f"column {column!r} in {source} must hold text (strings), not {kind}")

@@ -32,6 +32,8 @@ from .formats import (
     prompt_completion_columns,
     resolve_loss_on,
 )
+from .preference import FEATURES as PAIR_FEATURES
+from .preference import preference_columns, tokenize_pairs
 from .sources import _first_bad_line, describe
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,9 @@ def task_columns(task: str, data_cfg, columns: list[str] | None = None) -> dict[
     column is checked by ``tokenize``). A seq2seq source with only a text column is plain text (input = target), for
     denoising objectives that build their own targets (token_masking's span mode)."""
     fmt = data_format(data_cfg, columns or (), task)
+    if fmt == "preference":  # the prompt column is optional for turns (tokenize: preference.preference_columns)
+        found = {f"data.{f}": getattr(data_cfg, f) for f in ("prompt_field", "chosen_field", "rejected_field")}
+        return {k: c for k, c in found.items() if k != "data.prompt_field" or c in (columns or ())}
     if fmt in CONVERSATIONS:
         return {}  # the turns column is no text column: tokenize checks it (formats.check_conversation_column)
     if fmt == "prompt_completion":
@@ -69,6 +74,7 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
         "seq2seq": _seq2seq,
         "masked_lm": _masked_lm,
         "classification": _classification,
+        "preference": tokenize_pairs,
     }[task]
     source = describe(getattr(data_cfg, split.split(".", 1)[-1], None) or data_cfg.train)  # a str or a list of sources
     fmt = data_format(data_cfg, dataset.features, task)
@@ -82,13 +88,22 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
         kwargs.update(fmt=fmt, loss_on=resolve_loss_on(data_cfg, fmt, task), turns=turns)
     elif task == "sft":
         kwargs["loss_on"] = resolve_loss_on(data_cfg, fmt, task)
+    elif task == "preference":  # each side tokenized as an sft prompt-completion row, the loss on the response
+        resolve_loss_on(data_cfg, fmt, task)
+        prompt, turns = preference_columns(dataset, data_cfg, source)
+        chat = turns or template_of(tokenizer) is not None
+        if chat:
+            require_template(tokenizer, "conversational preference" if turns else "preference")
+        side = {"fmt": "prompt_completion", "loss_on": "completion_only", "turns": turns} if chat else {}
+        kwargs.update(side=tokenize_chat if chat else _sft_rows, side_kwargs=side, prompt=prompt)
+        features = PAIR_FEATURES
     else:
         resolve_loss_on(data_cfg, fmt, task)  # checks the field: text data has a loss on every token
     try:
         out = dataset.map(
             fn,
             batched=True,
-            with_indices=fn is tokenize_chat,  # row numbers for error messages
+            with_indices=fn in (tokenize_chat, tokenize_pairs),  # row numbers for error messages
             remove_columns=dataset.column_names,
             fn_kwargs=kwargs,
             features=features,
@@ -229,6 +244,11 @@ def _sft(batch, tok, cfg, loss_on: str = "completion_only"):
         out["_skip"].append(not p or not r or (loss_on != "all" and len(prompt) >= cfg.max_length))
         out["_truncated"].append(len(prompt) + len(response) > cfg.max_length)
     return out
+
+
+def _sft_rows(batch, indices, tok, cfg):
+    """``_sft`` as one side of a preference pair (``preference.tokenize_pairs``)."""
+    return _sft(batch, tok, cfg)
 
 
 def _seq2seq(batch, tok, cfg):

@@ -1,0 +1,107 @@
+"""Preference pairs (``data.format: preference``): a prompt with a chosen and a rejected response, tokenized as two
+SFT rows that share the prompt, and collated into one batch of 2B rows (the B chosen, then the B rejected) so a
+preference objective (the ``dpo`` technique) scores both sides in one forward pass.
+
+The columns are TRL's (https://huggingface.co/docs/trl/dataset_formats#preference): ``prompt`` / ``chosen`` /
+``rejected`` (``data.prompt_field``, ``chosen_field``, ``rejected_field``), text or ``{role, content}`` turns. Turns
+may leave the prompt out (TRL's implicit prompt): the turns the two responses share are the prompt. Each side is
+tokenized exactly as ``sft`` tokenizes a prompt-completion row (``tokenization._sft`` without a chat template,
+``chat.tokenize_chat`` with one), so its labels cover the response only; a pair is dropped when either side has
+nothing left to learn within ``data.max_length``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+
+from ...errors import RecipeError
+from .chat import FEATURES as CHAT_FEATURES
+from .formats import is_turns
+
+REJECTED = "rejected_"  # prefix of the rejected side's columns: rejected_input_ids, rejected_labels, ...
+SIDES = ("input_ids", "attention_mask", "labels")
+FEATURES = datasets.Features({**CHAT_FEATURES, **{REJECTED + k: CHAT_FEATURES[k] for k in SIDES}})
+
+
+def preference_columns(dataset, cfg, source: str) -> tuple[str | None, bool]:
+    """(the prompt column, or None for an implicit prompt; whether the responses are turns), checked."""
+    columns = dataset.column_names
+    for field in ("chosen_field", "rejected_field"):
+        if getattr(cfg, field) not in columns:
+            raise RecipeError(
+                f"data.{field}", f"column {getattr(cfg, field)!r} not in {source} (columns: {', '.join(columns)})"
+            )
+    if "input_field" in cfg.model_fields_set:
+        raise RecipeError("data.input_field", "preference data has no input column; put it into the prompt")
+    turns = [is_turns(dataset.features[getattr(cfg, f)]) for f in ("chosen_field", "rejected_field")]
+    prompt = cfg.prompt_field if cfg.prompt_field in columns else None
+    if turns[0] != turns[1] or prompt and is_turns(dataset.features[prompt]) != turns[0]:
+        raise RecipeError(
+            "data.chosen_field", "the prompt, chosen and rejected columns must all be text or all be turns"
+        )
+    if prompt is None and not turns[0]:
+        raise RecipeError(
+            "data.prompt_field",
+            f"column {cfg.prompt_field!r} not in {source}: text pairs need their prompt in a column of its own "
+            "(only turns can share it inside chosen and rejected)",
+        )
+    return prompt, turns[0]
+
+
+def split_shared_turns(chosen: list[dict] | None, rejected: list[dict] | None) -> tuple[list, list, list]:
+    """TRL's implicit prompt: (the turns both conversations start with, the rest of each)."""
+    chosen, rejected = chosen or [], rejected or []
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def tokenize_pairs(batch, indices, tok, cfg, side, side_kwargs: dict[str, Any], prompt: str | None):
+    """``datasets.map`` function: each pair -> the chosen side's input_ids / attention_mask / labels and the
+    rejected side's (``rejected_*``), with the flags of ``tokenization.tokenize``. ``side(rows, indices, tok, cfg,
+    **side_kwargs)`` tokenizes prompt-completion rows (``_sft_rows`` or ``chat.tokenize_chat``); ``prompt``: the
+    prompt column (None: the turns the two responses share)."""
+    chosen, rejected = batch[cfg.chosen_field], batch[cfg.rejected_field]
+    if prompt is None:
+        chosen, rejected, prompts = _implicit(chosen, rejected)
+    else:
+        prompts = batch[prompt]
+    halves = []
+    for responses in (chosen, rejected):
+        rows = {cfg.prompt_field: prompts, cfg.response_field: responses}
+        halves.append(side(rows, indices, tok, cfg, **side_kwargs))
+    good, bad = halves
+    out = {k: good[k] for k in SIDES}
+    out.update({REJECTED + k: bad[k] for k in SIDES})
+    out["_skip"] = [a or b for a, b in zip(good["_skip"], bad["_skip"])]
+    out["_truncated"] = [a or b for a, b in zip(good["_truncated"], bad["_truncated"])]
+    none = [""] * len(indices)
+    out["_error"] = [a or b for a, b in zip(good.get("_error", none), bad.get("_error", none))]
+    return out
+
+
+def _implicit(chosen: list, rejected: list) -> tuple[list, list, list]:
+    split = [split_shared_turns(c, r) for c, r in zip(chosen, rejected)]
+    return [c for _, c, _ in split], [r for _, _, r in split], [p or None for p, _, _ in split]
+
+
+class PreferenceCollator:
+    """Pads the chosen and the rejected rows of a batch together (with ``pad``, the task's SFT collator) into one
+    batch of 2B rows: the B chosen first. Extra columns a preference objective adds per pair (``ref_logps``: the
+    reference model's log-probabilities) come along as a (B, 2) tensor."""
+
+    def __init__(self, pad):
+        self.pad = pad
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = [{k: f[k] for k in SIDES} for f in features]
+        rows += [{k: f[REJECTED + k] for k in SIDES} for f in features]
+        batch = self.pad(rows)
+        if features and "ref_logps" in features[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
+        return batch

@@ -62,18 +62,15 @@ class EffTrainer(Trainer):
         return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.techniques and (model.training and not return_outputs or self._objective):
-            default = partial(super().compute_loss, num_items_in_batch=num_items_in_batch)
-            for t in self.techniques:
+        training = model.training and not return_outputs
+        default = partial(super().compute_loss, num_items_in_batch=num_items_in_batch)
+        # A technique's loss replaces the training loss; an objective's (Technique.objective) is the evaluation's too.
+        for t in self.techniques:
+            if training or t.objective:
                 loss = t.loss(model, inputs, default)
-                if loss is not None:
-                    # An objective's evaluation has its loss only (prediction_step reads outputs as a mapping).
+                if loss is not None:  # an evaluation gets no outputs: prediction_step reads them as a mapping
                     return (loss, {}) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    @property
-    def _objective(self) -> bool:
-        return any(t.objective for t in self.techniques)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"

@@ -107,6 +107,24 @@ def test_masked_lm_importance_dropping_and_token_masking_compile_like_eager(tiny
     assert (td.dropper.importance.scores < 10.0).any()  # the EMA was updated by the compiled run's forward hook
 
 
+@pytest.mark.slow
+def test_dpo_compiles_like_eager(tiny_recipe):
+    # Pairs of varying lengths (2B padded rows a step), the reference pass before the Trainer compiles the model,
+    # the DPO loss on the compiled model's logits, and evaluations through the same loss.
+    recipe = tiny_recipe(
+        data={"train": "builtin:pref-synthetic", "max_train_samples": 64, "max_eval_samples": 16},
+        training={"max_steps": 6, "per_device_train_batch_size": 4, "eval_strategy": "steps", "eval_steps": 3},
+        techniques=[{"name": "dpo", "beta": 0.5}],
+    )
+    eager, _, _ = run(recipe, compiled=False)
+    compiled, graphs, built = run(recipe, compiled=True)
+    assert len(compiled) == len(eager) == 6
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=LOSS_RTOL, atol=0)
+    assert graphs[0] > 0 and graphs[-1] <= graphs[1] + 1, graphs  # lengths go dynamic: no recompile per step
+    evals = [e["eval_loss"] for e in built.trainer.state.log_history if "eval_loss" in e]
+    assert len(evals) == 2 and all(0 < v < 1 for v in evals)
+
+
 def test_layer_dropping_compiles_exactly_with_two_versions_per_block():
     # Dynamo alone (backend "eager", seconds): a new pattern of kept blocks every step, and theta(t) (hence the 1/p
     # scales) moving every step, reuse the same graphs; under gradient checkpointing too, with the eager losses and

@@ -314,3 +314,26 @@ def test_chat_sft_recipe_lowers_the_assistant_loss(tmp_path):
     )
     report = train(recipe)
     assert report["task"] == "sft" and report["train_loss_final"] < report["train_loss_first"]
+
+
+def test_a_weighted_list_of_conversation_sources_keeps_the_turns(tiny_recipe, tmp_path):
+    # A listed source keeps only the task's columns (data/mixture.py): for conversations, the turns column. It used to
+    # keep none, and interleave_datasets failed on empty sources.
+    rows = [
+        {"messages": m, "source": "other"}
+        for m in load_builtin_dataset("builtin:chat-synthetic")["train"][:40]["messages"]
+    ]
+    path = tmp_path / "more.jsonl"
+    datasets.Dataset.from_list(rows).to_json(path)
+    recipe = tiny_recipe(
+        data={"train": [{"path": "builtin:chat-synthetic", "weight": 1}, {"path": str(path), "weight": 2}],
+              "max_length": 64, "max_train_samples": 48, "max_eval_samples": 8},
+    )  # fmt: skip
+    built = build(Recipe.parse(recipe))
+    assert built.task == "sft" and len(built.train_dataset) == 48
+    assert all(any(t != -100 for t in row) for row in built.train_dataset["labels"])  # assistant tokens learnt
+    with pytest.raises(RecipeError, match=r"^data.train\[1\]: column 'messages' not in"):
+        bad = tmp_path / "bad.jsonl"
+        datasets.Dataset.from_list([{"turns": r["messages"]} for r in rows]).to_json(bad)
+        recipe["data"]["train"][1]["path"] = str(bad)
+        build(Recipe.parse(recipe))

@@ -189,6 +189,8 @@ def require_columns(dataset, columns: dict[str, str], source: str) -> None:
     for field, column in columns.items():
         if column not in dataset.column_names:
             raise RecipeError(field, f"column {column!r} not in {source} (columns: {', '.join(dataset.column_names)})")
+        if field == "data.messages_field":  # turns, checked when tokenized (formats.check_conversation_column)
+            continue
         feature = dataset.features[column]
         is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
         if field in TURN_FIELDS and is_turns(feature):

@@ -26,6 +26,7 @@ from .chat import require_template, template_of, tokenize_chat
 from .formats import (
     CONVERSATIONS,
     check_conversation_column,
+    conversation_column,
     data_format,
     is_turns,
     join_prompt,
@@ -50,8 +51,8 @@ def task_columns(task: str, data_cfg, columns: list[str] | None = None) -> dict[
     if fmt == "preference":  # the prompt column is optional for turns (tokenize: preference.preference_columns)
         found = {f"data.{f}": getattr(data_cfg, f) for f in ("prompt_field", "chosen_field", "rejected_field")}
         return {k: c for k, c in found.items() if k != "data.prompt_field" or c in (columns or ())}
-    if fmt in CONVERSATIONS:
-        return {}  # the turns column is no text column: tokenize checks it (formats.check_conversation_column)
+    if fmt in CONVERSATIONS:  # a turns column: only its presence is checked here, its turns by tokenize
+        return {"data.messages_field": conversation_column(data_cfg, fmt)}
     if fmt == "prompt_completion":
         prompt, response, extra = prompt_completion_columns(data_cfg, columns or ())
         found = {"data.prompt_field": prompt, "data.response_field": response}

@@ -31,6 +31,7 @@ from pydantic import Field
 from ..core.registry import register_technique
 from ..core.technique import ORDER_WRAPPER, Technique, TechniqueConfig
 from ..errors import RecipeError
+from .selective_backprop import per_example_loss
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,8 @@ INPUTS = ("input_ids", "attention_mask")
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(label_t | < t) over each row's labelled tokens, their count); labels shift by one."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    logits = logits.float()
-    picked = torch.gather(logits, -1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return ((picked - torch.logsumexp(logits, -1)) * mask).sum(-1), mask.sum(-1)
+    mean_ce, count = per_example_loss(logits, labels, shift=True)
+    return -mean_ce * count, count
 
 
 def dpo_loss(

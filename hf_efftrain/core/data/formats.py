@@ -97,10 +97,8 @@ def data_format(cfg, columns, task: str = "auto") -> str:
 def _infer(cfg, columns, task: str) -> str:
     if task in ("causal_lm", "masked_lm", "classification"):
         return "text"
-    if cfg.chosen_field in columns and cfg.rejected_field in columns:
-        return "preference"
-    if task == "preference":  # the missing column is named by tokenize
-        return "preference"
+    if task == "preference" or cfg.chosen_field in columns and cfg.rejected_field in columns:
+        return "preference"  # a missing column is named by tokenize
     if cfg.messages_field is not None:  # named explicitly: a conversation column, whatever its keys say
         keys = _turn_keys(columns.get(cfg.messages_field) if isinstance(columns, dict) else None)
         return "sharegpt" if {"from", "value"} <= keys else "messages"

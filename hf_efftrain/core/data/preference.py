@@ -90,8 +90,8 @@ def _implicit(chosen: list, rejected: list) -> tuple[list, list, list]:
 
 class PreferenceCollator:
     """Pads the chosen and the rejected rows of a batch together (with ``pad``, the task's SFT collator) into one
-    batch of 2B rows: the B chosen first. Extra columns a preference objective adds per pair (``ref_logps``: the
-    reference model's log-probabilities) come along as a (B, 2) tensor."""
+    batch of 2B rows: the B chosen first. Any other column, one a preference objective adds per pair (dpo's
+    reference log-probabilities), comes along as a tensor of B rows."""
 
     def __init__(self, pad):
         self.pad = pad
@@ -102,6 +102,6 @@ class PreferenceCollator:
         rows = [{k: f[k] for k in SIDES} for f in features]
         rows += [{k: f[REJECTED + k] for k in SIDES} for f in features]
         batch = self.pad(rows)
-        if features and "ref_logps" in features[0]:
-            batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
+        for k in set(features[0]) - set(SIDES) - {REJECTED + s for s in SIDES} if features else ():
+            batch[k] = torch.tensor([f[k] for f in features], dtype=torch.float32)
         return batch

@@ -9,12 +9,21 @@ With ``h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]``
 - ``ipo`` (Azar et al. 2023, arXiv 2310.12036, eq. 17): ``(h - 1 / (2 beta))^2``, with per-token mean log-probs
   (as TRL computes it).
 
-The implicit rewards ``beta (log pi - log ref)`` of each side are logged as TRL names them (``rewards/chosen``,
-``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``). The reference is the model as loaded (adapters
-disabled): its log-probabilities are computed once, before training, in one forward pass over the train and eval
-pairs, and travel with each pair (TRL's ``precompute_ref_log_probs``). No second model is kept in memory and no
-step pays a reference forward. Dropout is off by default (TRL's ``disable_dropout``): the policy at step 0 then
-scores exactly as the reference, and the first loss is ``log 2``.
+Two reference-free objectives use per-token mean log-probs ``m = log pi(y|x) / |y|`` and ``h = m_w - m_l``:
+
+- ``simpo`` (Meng et al. 2024, arXiv 2405.14734, eq. 6): ``-log sigmoid(beta h - gamma)``, with the target reward
+  margin ``gamma`` (``simpo_gamma``; label smoothing as for sigmoid);
+- ``orpo`` (Hong et al. 2024, arXiv 2403.07691, eqs. 4-7): ``NLL(y_w) - lambda log sigmoid(log odds(y_w) - log
+  odds(y_l))`` with ``odds = P / (1 - P)``, ``P = exp(m)``, ``lambda = beta`` and the NLL the token mean over the
+  batch's chosen responses (SFT and preference in one stage, from a base model).
+
+The implicit rewards (``beta (log pi - log ref)``; reference-free: ``beta m``) of each side are logged as TRL names
+them (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``). The reference is the
+model as loaded (adapters disabled): its log-probabilities are computed once, before training, in one forward pass
+over the train and eval pairs (sharded over the processes), and travel with each pair (TRL's
+``precompute_ref_log_probs``). No second model is kept in memory and no step pays a reference forward. Dropout is off
+by default (TRL's ``disable_dropout``): the policy at step 0 then scores exactly as the reference, and the first DPO
+loss is ``log 2``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 REF = "ref_logps"  # the column of each pair's reference log-probabilities (chosen, rejected)
 INPUTS = ("input_ids", "attention_mask")
+REFERENCE_FREE = ("simpo", "orpo")
+MEAN = ("ipo", *REFERENCE_FREE)  # the objectives on per-token mean log-probabilities
+BETA = {"simpo": 2.0}  # the default beta per loss_type (SimPO's paper uses 2-10; DPO, IPO and ORPO's lambda 0.1)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,18 +59,26 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def dpo_loss(
     policy: torch.Tensor,
-    reference: torch.Tensor,
+    reference: torch.Tensor | None,
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    gamma: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss per pair, rewards per pair and side) from (B, 2) log-probabilities: column 0 chosen, 1 rejected."""
-    ratios = policy - reference
+    """(loss per pair, rewards per pair and side) from (B, 2) log-probabilities: column 0 chosen, 1 rejected.
+    ``reference`` is None for the reference-free types; ``orpo``'s NLL term is the caller's (it needs the counts)."""
+    ratios = policy if loss_type in REFERENCE_FREE else policy - reference
     h = ratios[:, 0] - ratios[:, 1]
     if loss_type == "ipo":
         loss = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "orpo":
+        # log odds = m - log(1 - exp(m)); m < 0 strictly, else the odds are infinite
+        m = policy.clamp(max=-1e-6)
+        log_odds = h - (torch.log(-torch.expm1(m[:, 0])) - torch.log(-torch.expm1(m[:, 1])))
+        loss = -beta * F.logsigmoid(log_odds)
     else:
-        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        z = beta * h - (gamma if loss_type == "simpo" else 0.0)
+        loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return loss, beta * ratios.detach()
 
 
@@ -72,30 +92,49 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, Any], mean: bool) -> tup
     return (total / count.clamp(min=1) if mean else total), count
 
 
-def reference_logps(model, dataset, collator, batch_size: int, context=contextlib.nullcontext) -> list[list[float]]:
-    """Each pair's summed (chosen, rejected) log-probabilities under ``model`` in eval mode, adapters disabled."""
+def process_share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous rows [lo, hi) of ``n`` that process ``rank`` of ``world`` scores (the last may hold fewer)."""
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def reference_logps(model, dataset, collator, batch_size: int, accelerator=None) -> list[list[float]]:
+    """Each pair's summed (chosen, rejected) log-probabilities under ``model`` in eval mode, adapters disabled.
+    With an ``accelerator`` each process scores its contiguous share, under its autocast, and all gather the list."""
     was_training = model.training
     model.eval()
     adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    context = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    world = accelerator.num_processes if accelerator is not None else 1
+    lo, hi = process_share(len(dataset), accelerator.process_index if world > 1 else 0, world)
     device = next(model.parameters()).device
     out: list[list[float]] = []
     try:
-        with torch.no_grad(), adapters_off, context():
-            for start in range(0, len(dataset), batch_size):
-                rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+        with torch.no_grad(), adapters_off, context:
+            for start in range(lo, hi, batch_size):
+                rows = dataset.select(range(start, min(start + batch_size, hi)))
                 batch = {k: v.to(device) for k, v in collator(list(rows)).items() if torch.is_tensor(v)}
                 out += pair_logps(model, batch, mean=False)[0].tolist()
     finally:
         model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        out = gather_object(out)  # the shares, in rank order: the dataset's order
     return out
 
 
 class DpoConfig(TechniqueConfig):
-    beta: float = Field(0.1, gt=0, le=100, description="how far the policy may move from the reference (beta)")
-    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO (eq. 7); ipo: Azar et al.")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="sigmoid only: the chance a pair's labels are flipped (conservative DPO)"
+    beta: float | None = Field(
+        None, gt=0, le=100, description="the reward scale (orpo: lambda); default 0.1, simpo 2.0"
     )
+    loss_type: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid", description="sigmoid: DPO (eq. 7); ipo: Azar et al.; simpo, orpo: reference-free"
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid, simpo: the chance a pair's labels are flipped (conservative DPO)"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, le=100, description="simpo: the target reward margin (gamma)")
     disable_dropout: bool = Field(
         True, description="set every dropout to 0 (the policy starts equal to the reference)"
     )
@@ -123,6 +162,10 @@ class DpoTechnique(Technique):
         self.trainer = None
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.reference_seconds: float | None = None
+        self.reference_pairs = [0, 0]  # pairs scored by the reference pass: in all, by this process
+        c = self.config
+        self.beta = c.beta if c.beta is not None else BETA.get(c.loss_type, 0.1)
+        self.reference = c.loss_type not in REFERENCE_FREE
 
     def validate(self, recipe, env) -> None:
         c = self.config
@@ -130,14 +173,16 @@ class DpoTechnique(Technique):
             raise RecipeError(
                 "model.task", f"dpo trains on preference pairs (model.task preference), not {recipe.model.task}"
             )
-        if c.label_smoothing and c.loss_type != "sigmoid":
-            raise RecipeError("label_smoothing", f"applies to loss_type sigmoid, not {c.loss_type}")
+        if c.label_smoothing and c.loss_type not in ("sigmoid", "simpo"):
+            raise RecipeError("label_smoothing", f"applies to loss_type sigmoid or simpo, not {c.loss_type}")
+        if c.simpo_gamma != DpoConfig.model_fields["simpo_gamma"].default and c.loss_type != "simpo":
+            raise RecipeError("simpo_gamma", f"applies to loss_type simpo, not {c.loss_type}")
         stage = ((env.deepspeed_config or {}).get("zero_optimization") or {}).get("stage")
-        if env.distributed_type == "FSDP" or stage == 3:
+        if self.reference and (env.distributed_type == "FSDP" or stage == 3):
             raise RecipeError(
                 "",
                 "dpo's reference pass runs the whole model before training, which ZeRO-3 and FSDP shard; use DDP or "
-                "ZeRO-1/2 (with LoRA or QLoRA the model is small)",
+                "ZeRO-1/2 (with LoRA or QLoRA the model is small), or a reference-free loss_type (simpo, orpo)",
             )
 
     def training_args(self, args):
@@ -155,8 +200,11 @@ class DpoTechnique(Technique):
         self.trainer = trainer
         trainer.loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides by accumulation steps
         model = trainer.model
-        if next(model.parameters()).is_meta:  # hf-efftrain validate: no weights to score with
+        if not self.reference or next(model.parameters()).is_meta:  # meta: hf-efftrain validate, no weights
             return
+        device = trainer.args.device
+        if next(model.parameters()).device != device and not getattr(model, "hf_device_map", None):
+            model.to(device)  # under DeepSpeed the Trainer leaves the model where it loaded until the engine starts
         size = self.config.reference_batch_size or trainer.args.per_device_eval_batch_size
         start = time.perf_counter()
         for attr in ("train_dataset", "eval_dataset"):
@@ -165,27 +213,39 @@ class DpoTechnique(Technique):
                 continue
             if REF in dataset.column_names:
                 dataset = dataset.remove_columns(REF)
-            logps = reference_logps(model, dataset, trainer.data_collator, size, trainer.accelerator.autocast)
+            logps = reference_logps(model, dataset, trainer.data_collator, size, trainer.accelerator)
+            lo, hi = process_share(len(dataset), trainer.accelerator.process_index, trainer.accelerator.num_processes)
+            self.reference_pairs = [self.reference_pairs[0] + len(logps), self.reference_pairs[1] + hi - lo]
             setattr(trainer, attr, dataset.add_column(REF, logps))
         self.reference_seconds = time.perf_counter() - start
-        logger.info("dpo: reference log-probs of every pair in %.1fs", self.reference_seconds)
+        logger.info(
+            "dpo: reference log-probs of %d pairs (%d on this process) in %.1fs", *self.reference_pairs,
+            self.reference_seconds,
+        )  # fmt: skip
 
     def loss(self, model, batch, compute_loss):
-        if REF not in batch:
+        if self.reference and REF not in batch:
             raise RecipeError(
                 "techniques", "dpo: a batch without reference log-probs (the reference pass did not run)"
             )
         c = self.config
-        mean = c.loss_type == "ipo"
+        mean = c.loss_type in MEAN
         policy, count = pair_logps(model, batch, mean)
-        reference = batch[REF].to(policy.device)
-        if mean:
+        reference = batch[REF].to(policy.device) if self.reference else None
+        if mean and reference is not None:
             reference = reference / count.clamp(min=1)
-        loss, rewards = dpo_loss(policy, reference, c.beta, c.loss_type, c.label_smoothing)
-        self._add("train" if model.training else "eval", rewards, policy.detach())
-        return loss.mean()
+        per_pair, rewards = dpo_loss(policy, reference, self.beta, c.loss_type, c.label_smoothing, c.simpo_gamma)
+        loss, extra = per_pair.mean(), {}
+        if c.loss_type == "orpo":  # the SFT term: the chosen responses' token-mean NLL
+            nll = -(policy[:, 0] * count[:, 0]).sum() / count[:, 0].sum().clamp(min=1)
+            loss = nll + loss
+            # TRL's names: log_odds_ratio is log sigmoid of the log odds ratio
+            extra = {"nll_loss": nll.detach().expand(len(per_pair)), "log_odds_ratio": -per_pair.detach() / self.beta}
+        self._add("train" if model.training else "eval", rewards, policy.detach(), extra)
+        return loss
 
-    def _add(self, split: str, rewards: torch.Tensor, logps: torch.Tensor) -> None:
+    def _add(self, split: str, rewards: torch.Tensor, logps: torch.Tensor, extra: dict) -> None:
+        """Sums over pairs of each logged number (``extra``: a value per pair, or one for the batch)."""
         values = {
             "rewards/chosen": rewards[:, 0],
             "rewards/rejected": rewards[:, 1],
@@ -193,6 +253,7 @@ class DpoTechnique(Technique):
             "rewards/margins": rewards[:, 0] - rewards[:, 1],
             "logps/chosen": logps[:, 0],
             "logps/rejected": logps[:, 1],
+            **extra,
         }
         sums = self.sums.setdefault(split, {})
         for k, v in values.items():
@@ -212,6 +273,12 @@ class DpoTechnique(Technique):
 
     def report(self) -> dict[str, Any]:
         return {
-            "reference": "the model as loaded (adapters disabled), precomputed",
+            "loss_type": self.config.loss_type,
+            "beta": self.beta,
+            "reference": (
+                "the model as loaded (adapters disabled), precomputed" if self.reference else "none (reference-free)"
+            ),
             "reference_pass_seconds": (None if self.reference_seconds is None else round(self.reference_seconds, 2)),
+            "reference_pairs": self.reference_pairs[0],
+            "reference_pairs_per_process": self.reference_pairs[1],
         }

@@ -301,3 +301,55 @@ def test_fsdp_launch_on_a_cpu_machine_stops_with_a_clear_error(tmp_path, tiny_re
     assert res.returncode != 0
     assert "error: training: the accelerate launch asks for FSDP but this run would use MULTI_CPU" in res.stderr
     assert not (tmp_path / "run" / "run_report.json").exists()
+
+
+_DPO_RUNS: dict[str, dict] = {}
+
+
+def _dpo_run(config: str, port: int, tmp_path_factory, tiny_recipe) -> dict:
+    """A 2-process DPO run (60 pairs, 2 x 4 pairs per process and step, 3 steps), launched once per config."""
+    if config not in _DPO_RUNS:
+        tmp = tmp_path_factory.mktemp(config.split(".")[0])
+        recipe = tiny_recipe(
+            data={"train": "builtin:pref-synthetic", "max_train_samples": 60, "max_eval_samples": 15},
+            training={
+                "output_dir": str(tmp / "run"), "max_steps": 3, "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2, "eval_strategy": "steps", "eval_steps": 3,
+            },
+            techniques=[{"name": "dpo", "beta": 0.5}],
+        )  # fmt: skip
+        path = tmp / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        res = _accelerate_launch(config, port, "-m", "hf_efftrain", "train", str(path))
+        assert res.returncode == 0, res.stderr[-4000:]
+        _DPO_RUNS[config] = json.loads((tmp / "run" / "run_report.json").read_text())
+    return _DPO_RUNS[config]
+
+
+@pytest.mark.slow
+def test_dpo_ddp_shards_the_reference_pass_and_keeps_each_pair_with_its_reference(tmp_path_factory, tiny_recipe):
+    import math
+
+    report = _dpo_run("cpu_ddp.yaml", 29551, tmp_path_factory, tiny_recipe)
+    assert report["world_size"] == 2
+    facts = next(t["report"] for t in report["techniques"] if t["name"] == "dpo")
+    # Train and eval pairs scored once in all, half by each process (the shards gathered in the dataset's order).
+    rows = [report["data"][f"data.{split}"]["rows"] for split in ("train", "eval")]
+    assert rows == [60, 15] and facts["reference_pairs"] == 75
+    assert facts["reference_pairs_per_process"] == 30 + 8
+    # Dropout off, so the policy scores each pair exactly as its stored reference: the first loss is log 2 on both
+    # processes only if no pair met another pair's reference in the gather.
+    losses = [loss for _, loss in report["loss_history"]]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and all(map(math.isfinite, losses))
+    assert 0 <= report["eval_rewards/accuracies"] <= 1 and "eval_rewards/margins" in report
+
+
+@pytest.mark.slow
+def test_dpo_deepspeed_zero2_trains_as_ddp(tmp_path_factory, tiny_recipe):
+    report = _dpo_run("cpu_deepspeed_zero2.yaml", 29553, tmp_path_factory, tiny_recipe)
+    ddp = _dpo_run("cpu_ddp.yaml", 29551, tmp_path_factory, tiny_recipe)
+    assert report["distributed_type"] == "DEEPSPEED"
+    # The same pairs, references and updates: DeepSpeed averages the accumulated micro-batches as DDP does.
+    ours, theirs = ([loss for _, loss in r["loss_history"]] for r in (report, ddp))
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert report["eval_loss"] == pytest.approx(ddp["eval_loss"], rel=1e-4)

@@ -60,6 +60,63 @@ def test_dpo_loss_by_hand():
     torch.testing.assert_close(dpo_loss(policy, policy, 3.0)[0], torch.full((2,), math.log(2)))
 
 
+def test_reference_free_losses_by_hand():
+    # mean log-probs per token: row 0 prefers the chosen, row 1 the rejected
+    m = torch.tensor([[-0.5, -1.5], [-2.0, -1.0]])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # SimPO eq. 6: -log sigmoid(beta (m_w - m_l) - gamma); beta 2, gamma 0.5
+    simpo, rewards = dpo_loss(m, None, 2.0, "simpo", gamma=0.5)
+    torch.testing.assert_close(simpo, torch.tensor([-math.log(sig(2.0 - 0.5)), -math.log(sig(-2.0 - 0.5))]))
+    torch.testing.assert_close(rewards, 2.0 * m)  # beta m: no reference
+    smoothed, _ = dpo_loss(m, None, 2.0, "simpo", label_smoothing=0.1, gamma=0.5)
+    z = 2.0 - 0.5
+    assert smoothed[0].item() == pytest.approx(-0.9 * math.log(sig(z)) - 0.1 * math.log(sig(-z)))
+    # ORPO eqs. 4-7: odds = P / (1 - P) with P = exp(m); loss = -lambda log sigmoid(log(odds_w / odds_l))
+    orpo, rewards = dpo_loss(m, None, 0.1, "orpo")
+    odds = lambda x: math.exp(x) / (1 - math.exp(x))  # noqa: E731
+    expected = [-0.1 * math.log(sig(math.log(odds(w) / odds(r)))) for w, r in m.tolist()]
+    torch.testing.assert_close(orpo, torch.tensor(expected))
+    torch.testing.assert_close(rewards, 0.1 * m)
+    assert torch.isfinite(dpo_loss(torch.zeros(1, 2), None, 0.1, "orpo")[0]).all()  # P = 1: odds clamped
+
+
+def test_orpo_adds_the_chosen_nll_and_skips_the_reference(tiny_recipe, tmp_path):
+    recipe = _pref_recipe(tiny_recipe, tmp_path, techniques=[{"name": "dpo", "loss_type": "orpo"}])
+    built = build(Recipe.parse(recipe))
+    assert "ref_logps" not in built.trainer.train_dataset.column_names  # reference-free: no reference pass
+    technique = next(t for t in built.techniques if t.name == "dpo")
+    assert technique.beta == 0.1 and technique.report()["reference"].startswith("none")
+    batch = built.collator([built.trainer.train_dataset[i] for i in range(4)])
+    model = built.model.train()
+    loss = technique.loss(model, batch, None)
+    with torch.no_grad():  # the SFT term is the model's own token-mean LM loss on the chosen half
+        nll = model(**{k: v[:4] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}).loss
+        mean, _ = pair_logps(model, batch, mean=True)
+        odds_term = dpo_loss(mean, None, 0.1, "orpo")[0].mean()
+    torch.testing.assert_close(loss.detach(), nll + odds_term, rtol=1e-5, atol=1e-6)
+    logged = technique.metrics("train")
+    assert logged["nll_loss"] == pytest.approx(float(nll), rel=1e-3)
+    assert logged["log_odds_ratio"] == pytest.approx(float(-odds_term / 0.1), rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_recipes_learn_to_prefer_chosen(tiny_recipe, tmp_path, loss_type):
+    recipe = _pref_recipe(
+        tiny_recipe, tmp_path, max_train_samples=512, max_eval_samples=64,
+        techniques=[{"name": "dpo", "loss_type": loss_type}],
+    )  # fmt: skip
+    recipe["training"].update(
+        max_steps=60, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=20, eval_strategy="steps",
+        eval_steps=60,
+    )  # fmt: skip
+    report = train(Recipe.parse(recipe))
+    losses = [loss for _, loss in report["loss_history"]]
+    assert losses[-1] < losses[0]
+    assert report["eval_rewards/margins"] > 0 and report["eval_rewards/accuracies"] > 0.5
+    facts = next(t["report"] for t in report["techniques"] if t["name"] == "dpo")
+    assert facts["reference_pass_seconds"] is None and facts["beta"] == (2.0 if loss_type == "simpo" else 0.1)
+
+
 def test_implicit_prompt_is_the_shared_turns():
     user = {"role": "user", "content": "Add 2 and 3."}
     good, bad = {"role": "assistant", "content": "5"}, {"role": "assistant", "content": "6"}
@@ -186,7 +243,7 @@ def test_refusals(tiny_recipe, tmp_path):
         build(Recipe.parse(tiny_recipe(techniques=[{"name": "dpo"}])))  # text data, task auto
     with pytest.raises(RecipeError, match=r"dpo cannot be combined with packing"):
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, techniques=[{"name": "dpo"}, {"name": "packing"}])))
-    with pytest.raises(RecipeError, match=r"^techniques\[0\].label_smoothing: applies to loss_type sigmoid"):
+    with pytest.raises(RecipeError, match=r"^techniques\[0\].label_smoothing: applies to loss_type sigmoid or simpo"):
         ipo = [{"name": "dpo", "loss_type": "ipo", "label_smoothing": 0.1}]
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, techniques=ipo)))
     with pytest.raises(RecipeError, match=r"^data.prompt_field: column 'prompt' not in .*text pairs need"):
@@ -194,9 +251,15 @@ def test_refusals(tiny_recipe, tmp_path):
     with pytest.raises(RecipeError, match=r"^data.chosen_field: .* all be text or all be turns"):
         rows = [{"prompt": "Add 2 and 3.", "chosen": TURNS[0]["chosen"], "rejected": TURNS[0]["rejected"]}] * 8
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, rows)))
+    with pytest.raises(RecipeError, match=r"^techniques\[0\].simpo_gamma: applies to loss_type simpo, not sigmoid"):
+        build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, techniques=[{"name": "dpo", "simpo_gamma": 1.0}])))
     zero3 = Env(distributed_type="DEEPSPEED", deepspeed_config={"zero_optimization": {"stage": 3}})
-    with pytest.raises(RecipeError, match="ZeRO-3 and FSDP"):
+    with pytest.raises(RecipeError, match="ZeRO-3 and FSDP.*reference-free loss_type"):
         DpoTechnique().validate(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path)), zero3)
+    for loss_type in ("simpo", "orpo"):  # no reference pass: nothing to refuse
+        DpoTechnique(DpoConfig(name="dpo", loss_type=loss_type)).validate(
+            Recipe.parse(_pref_recipe(tiny_recipe, tmp_path)), zero3
+        )
     for bad in ({"beta": 0}, {"label_smoothing": 0.5}, {"loss_type": "hinge"}, {"reference_batch_size": 0}):
         with pytest.raises(pydantic.ValidationError):
             DpoConfig(name="dpo", **bad)

@@ -306,7 +306,7 @@ def test_fsdp_launch_on_a_cpu_machine_stops_with_a_clear_error(tmp_path, tiny_re
 _DPO_RUNS: dict[str, dict] = {}
 
 
-def _dpo_run(config: str, port: int, tmp_path_factory, tiny_recipe) -> dict:
+def _dpo_run(config: str, port: int, tmp_path_factory, tiny_recipe, loss_type: str = "sigmoid") -> dict:
     """A 2-process DPO run (60 pairs, 2 x 4 pairs per process and step, 3 steps), launched once per config."""
     if config not in _DPO_RUNS:
         tmp = tmp_path_factory.mktemp(config.split(".")[0])
@@ -316,7 +316,7 @@ def _dpo_run(config: str, port: int, tmp_path_factory, tiny_recipe) -> dict:
                 "output_dir": str(tmp / "run"), "max_steps": 3, "per_device_train_batch_size": 4,
                 "gradient_accumulation_steps": 2, "eval_strategy": "steps", "eval_steps": 3,
             },
-            techniques=[{"name": "dpo", "beta": 0.5}],
+            techniques=[{"name": "dpo", "beta": 0.5, "loss_type": loss_type}],
         )  # fmt: skip
         path = tmp / "r.yaml"
         path.write_text(yaml.safe_dump(recipe))
@@ -353,3 +353,16 @@ def test_dpo_deepspeed_zero2_trains_as_ddp(tmp_path_factory, tiny_recipe):
     ours, theirs = ([loss for _, loss in r["loss_history"]] for r in (report, ddp))
     assert ours == pytest.approx(theirs, rel=1e-4)
     assert report["eval_loss"] == pytest.approx(ddp["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_reference_free_orpo_trains_under_deepspeed_zero3(tmp_path_factory, tiny_recipe):
+    import math
+
+    report = _dpo_run("cpu_deepspeed_zero3_offload.yaml", 29555, tmp_path_factory, tiny_recipe, "orpo")
+    assert report["distributed_type"] == "DEEPSPEED"
+    facts = next(t["report"] for t in report["techniques"] if t["name"] == "dpo")
+    assert facts["reference_pairs"] == 0 and facts["reference"].startswith("none")
+    losses = [loss for _, loss in report["loss_history"]]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]  # the NLL term falls from step 1
+    assert "eval_nll_loss" in report and "eval_log_odds_ratio" in report

@@ -13,14 +13,16 @@ Two reference-free objectives use per-token mean log-probs ``m = log pi(y|x) / |
 
 - ``simpo`` (Meng et al. 2024, arXiv 2405.14734, eq. 6): ``-log sigmoid(beta h - gamma)``, with the target reward
   margin ``gamma`` (``simpo_gamma``; label smoothing as for sigmoid);
-- ``orpo`` (Hong et al. 2024, arXiv 2403.07691, eqs. 4-7): ``NLL(y_w) - lambda log sigmoid(log odds(y_w) - log
-  odds(y_l))`` with ``odds = P / (1 - P)``, ``P = exp(m)``, ``lambda = beta`` and the NLL the token mean over the
-  batch's chosen responses (SFT and preference in one stage, from a base model).
+- ``orpo`` (Hong et al. 2024, arXiv 2403.07691, eqs. 1-7): ``-m_w - lambda log sigmoid(log odds(y_w) - log
+  odds(y_l))`` with ``odds = P / (1 - P)``, ``P = exp(m)``, ``lambda = beta``: SFT on the chosen response (the
+  paper's length-normalised NLL given the prompt) and preference in one stage, from a base model. TRL's ORPOTrainer
+  takes its NLL over prompt and response; this follows the paper (and LLaMA-Factory): the response only.
 
-The implicit rewards (``beta (log pi - log ref)``; reference-free: ``beta m``) of each side are logged as TRL names
-them (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``). The reference is the
-model as loaded (adapters disabled): its log-probabilities are computed once, before training, in one forward pass
-over the train and eval pairs (sharded over the processes), and travel with each pair (TRL's
+The implicit rewards (``beta (log pi - log ref)`` on summed log-probs, for ipo too; reference-free: ``beta m``) of
+each side are logged as TRL names them (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins``; ``tests/techniques/test_dpo_vs_trl.py`` checks them and the loss against TRL's ``DPOTrainer``).
+The reference is the model as loaded (adapters disabled): its log-probabilities are computed once, before training,
+in one forward pass over the train and eval pairs (sharded over the processes), and travel with each pair (TRL's
 ``precompute_ref_log_probs``). No second model is kept in memory and no step pays a reference forward. Dropout is off
 by default (TRL's ``disable_dropout``): the policy at step 0 then scores exactly as the reference, and the first DPO
 loss is ``log 2``.
@@ -229,19 +231,23 @@ class DpoTechnique(Technique):
                 "techniques", "dpo: a batch without reference log-probs (the reference pass did not run)"
             )
         c = self.config
-        mean = c.loss_type in MEAN
-        policy, count = pair_logps(model, batch, mean)
-        reference = batch[REF].to(policy.device) if self.reference else None
-        if mean and reference is not None:
-            reference = reference / count.clamp(min=1)
-        per_pair, rewards = dpo_loss(policy, reference, self.beta, c.loss_type, c.label_smoothing, c.simpo_gamma)
-        loss, extra = per_pair.mean(), {}
-        if c.loss_type == "orpo":  # the SFT term: the chosen responses' token-mean NLL
-            nll = -(policy[:, 0] * count[:, 0]).sum() / count[:, 0].sum().clamp(min=1)
-            loss = nll + loss
+        total, count = pair_logps(model, batch, mean=False)
+        reference = batch[REF].to(total.device) if self.reference else None
+        if c.loss_type in MEAN:
+            policy = total / count.clamp(min=1)
+            scored = reference if reference is None else reference / count.clamp(min=1)
+        else:
+            policy, scored = total, reference
+        per_pair, rewards = dpo_loss(policy, scored, self.beta, c.loss_type, c.label_smoothing, c.simpo_gamma)
+        loss, extra, logged = per_pair.mean(), {}, policy
+        if self.reference:  # TRL logs DPO's rewards and log-probs on the sums, whatever the loss (ipo: means)
+            rewards, logged = self.beta * (total - reference).detach(), total
+        if c.loss_type == "orpo":  # the SFT term, eqs. 1 and 6: -log P(y_w|x), the chosen response's token mean
+            nll = -policy[:, 0]
+            loss = (nll + per_pair).mean()
             # TRL's names: log_odds_ratio is log sigmoid of the log odds ratio
-            extra = {"nll_loss": nll.detach().expand(len(per_pair)), "log_odds_ratio": -per_pair.detach() / self.beta}
-        self._add("train" if model.training else "eval", rewards, policy.detach(), extra)
+            extra = {"nll_loss": nll.detach(), "log_odds_ratio": -per_pair.detach() / self.beta}
+        self._add("train" if model.training else "eval", rewards, logged.detach(), extra)
         return loss
 
     def _add(self, split: str, rewards: torch.Tensor, logps: torch.Tensor, extra: dict) -> None:

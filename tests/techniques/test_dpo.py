@@ -89,8 +89,9 @@ def test_orpo_adds_the_chosen_nll_and_skips_the_reference(tiny_recipe, tmp_path)
     batch = built.collator([built.trainer.train_dataset[i] for i in range(4)])
     model = built.model.train()
     loss = technique.loss(model, batch, None)
-    with torch.no_grad():  # the SFT term is the model's own token-mean LM loss on the chosen half
-        nll = model(**{k: v[:4] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}).loss
+    with torch.no_grad():  # the SFT term: each chosen response's own LM loss (a token mean), averaged over pairs
+        keys = ("input_ids", "attention_mask", "labels")
+        nll = torch.stack([model(**{k: batch[k][i : i + 1] for k in keys}).loss for i in range(4)]).mean()
         mean, _ = pair_logps(model, batch, mean=True)
         odds_term = dpo_loss(mean, None, 0.1, "orpo")[0].mean()
     torch.testing.assert_close(loss.detach(), nll + odds_term, rtol=1e-5, atol=1e-6)

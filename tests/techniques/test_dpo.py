@@ -128,6 +128,13 @@ def test_implicit_prompt_is_the_shared_turns():
     assert (prompt, chosen, rejected) == ([user, good, again], [good], [bad])
 
 
+def test_implicit_text_prompt_is_the_shared_words():
+    hh = ("\n\nHuman: Add 2 and 3.\n\nAssistant: It is 5.", "\n\nHuman: Add 2 and 3.\n\nAssistant: It is 7.")
+    assert split_shared_turns(*hh) == ("\n\nHuman: Add 2 and 3.\n\nAssistant: It is", "5.", "7.")  # no split word
+    assert split_shared_turns("a b", "a b c") == ("a", "b", "b c")  # a response never empty by the cut
+    assert split_shared_turns("yes", "no") == ("", "yes", "no")  # nothing shared: no prompt, the pair is dropped
+
+
 def _pref_recipe(tiny_recipe, tmp_path, rows=None, techniques=None, model=None, **data):
     if rows is not None:
         path = tmp_path / "pairs.jsonl"
@@ -173,6 +180,28 @@ def test_pairs_tokenize_as_two_sft_rows_and_collate_chosen_first(tiny_recipe, tm
     for k, f in enumerate(features):
         assert batch["labels"][k][: len(f["labels"])].tolist() == f["labels"]
         assert batch["labels"][3 + k][: len(f[REJECTED + "labels"])].tolist() == f[REJECTED + "labels"]
+
+
+def _first_pair(tiny_recipe, tmp_path, rows) -> tuple[list, list]:
+    (tmp_path / "pairs.jsonl").unlink(missing_ok=True)
+    ds = build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, rows))).train_dataset
+    return ds[0]["input_ids"], ds[0][REJECTED + "input_ids"]
+
+
+def test_the_layouts_of_hh_rlhf_and_ultrafeedback_binarized(tiny_recipe, tmp_path):
+    user = TURNS[0]["chosen"][:1]
+    implicit = _first_pair(tiny_recipe, tmp_path, TURNS)
+    # HuggingFaceH4/ultrafeedback_binarized: a text prompt that the turns repeat; the turns' shared prompt wins
+    h4 = [{"prompt": user[0]["content"], **row} for row in TURNS]
+    assert _first_pair(tiny_recipe, tmp_path, h4) == implicit
+    # a text prompt and assistant-only turns: the prompt is the user's turn
+    answers = [{"prompt": user[0]["content"], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]} for r in TURNS]
+    assert _first_pair(tiny_recipe, tmp_path, answers) == implicit
+    # Anthropic/hh-rlhf: text with the prompt inside; the shared words are the prompt, as a prompt column would be
+    say = "\n\nHuman: Add 2 and 3.\n\nAssistant: It is"
+    hh = _first_pair(tiny_recipe, tmp_path, [{"chosen": say + " 5.", "rejected": say + " 7."}] * 8)
+    assert hh == _first_pair(tiny_recipe, tmp_path, [{"prompt": say, "chosen": "5.", "rejected": "7."}] * 8)
+    assert hh != implicit  # each file was read afresh (no stale cache making every comparison equal)
 
 
 def test_reference_is_the_model_as_loaded_with_adapters_off(tiny_recipe, tmp_path, tiny):
@@ -247,10 +276,11 @@ def test_refusals(tiny_recipe, tmp_path):
     with pytest.raises(RecipeError, match=r"^techniques\[0\].label_smoothing: applies to loss_type sigmoid or simpo"):
         ipo = [{"name": "dpo", "loss_type": "ipo", "label_smoothing": 0.1}]
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, techniques=ipo)))
-    with pytest.raises(RecipeError, match=r"^data.prompt_field: column 'prompt' not in .*text pairs need"):
-        build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, [{"chosen": "a b", "rejected": "b a"}] * 8)))
-    with pytest.raises(RecipeError, match=r"^data.chosen_field: .* all be text or all be turns"):
-        rows = [{"prompt": "Add 2 and 3.", "chosen": TURNS[0]["chosen"], "rejected": TURNS[0]["rejected"]}] * 8
+    with pytest.raises(RecipeError, match=r"^data.chosen_field: chosen and rejected must both be text or both be"):
+        rows = [{"prompt": "Add 2 and 3.", "chosen": "5", "rejected": TURNS[0]["rejected"]}] * 8
+        build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, rows)))
+    with pytest.raises(RecipeError, match=r"^data.chosen_field: .*a prompt of turns needs turns"):
+        rows = [{"prompt": TURNS[0]["chosen"][:1], "chosen": "5", "rejected": "7"}] * 8
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, rows)))
     with pytest.raises(RecipeError, match=r"^techniques\[0\].simpo_gamma: applies to loss_type simpo, not sigmoid"):
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, techniques=[{"name": "dpo", "simpo_gamma": 1.0}])))

@@ -3,8 +3,10 @@ SFT rows that share the prompt, and collated into one batch of 2B rows (the B ch
 preference objective (the ``dpo`` technique) scores both sides in one forward pass.
 
 The columns are TRL's (https://huggingface.co/docs/trl/dataset_formats#preference): ``prompt`` / ``chosen`` /
-``rejected`` (``data.prompt_field``, ``chosen_field``, ``rejected_field``), text or ``{role, content}`` turns. Turns
-may leave the prompt out (TRL's implicit prompt): the turns the two responses share are the prompt. Each side is
+``rejected`` (``data.prompt_field``, ``chosen_field``, ``rejected_field``), text or ``{role, content}`` turns. The
+prompt may be left out (TRL's implicit prompt): it is then the turns the two responses share, or for text their
+shared beginning up to its last whitespace (Anthropic HH-RLHF's layout). A text prompt beside turns is the user's
+turn, unless the turns repeat it (HuggingFaceH4/ultrafeedback_binarized's layout: their shared turns win). Each side is
 tokenized exactly as ``sft`` tokenizes a prompt-completion row (``tokenization._sft`` without a chat template,
 ``chat.tokenize_chat`` with one), so its labels cover the response only; a pair is dropped when either side has
 nothing left to learn within ``data.max_length``.
@@ -37,21 +39,27 @@ def preference_columns(dataset, cfg, source: str) -> tuple[str | None, bool]:
         raise RecipeError("data.input_field", "preference data has no input column; put it into the prompt")
     turns = [is_turns(dataset.features[getattr(cfg, f)]) for f in ("chosen_field", "rejected_field")]
     prompt = cfg.prompt_field if cfg.prompt_field in columns else None
-    if turns[0] != turns[1] or prompt and is_turns(dataset.features[prompt]) != turns[0]:
+    if turns[0] != turns[1] or prompt and is_turns(dataset.features[prompt]) and not turns[0]:
         raise RecipeError(
-            "data.chosen_field", "the prompt, chosen and rejected columns must all be text or all be turns"
-        )
-    if prompt is None and not turns[0]:
-        raise RecipeError(
-            "data.prompt_field",
-            f"column {cfg.prompt_field!r} not in {source}: text pairs need their prompt in a column of its own "
-            "(only turns can share it inside chosen and rejected)",
+            "data.chosen_field",
+            "chosen and rejected must both be text or both be turns (and a prompt of turns needs turns)",
         )
     return prompt, turns[0]
 
 
-def split_shared_turns(chosen: list[dict] | None, rejected: list[dict] | None) -> tuple[list, list, list]:
-    """TRL's implicit prompt: (the turns both conversations start with, the rest of each)."""
+def split_shared_turns(chosen: list | str | None, rejected: list | str | None) -> tuple:
+    """TRL's implicit prompt: (the turns both conversations start with, the rest of each). For text: the shared
+    beginning up to its last whitespace (TRL's ``extract_prompt`` cuts at the first differing character, which can
+    split a word: "... is 1" + "2" / "5"), the whitespace between dropped."""
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        chosen, rejected = chosen or "", rejected or ""
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        while n and not chosen[n - 1].isspace() and n < max(len(chosen), len(rejected)):
+            n -= 1
+        n = len(chosen[:n].rstrip())
+        return chosen[:n], chosen[n:].lstrip(), rejected[n:].lstrip()  # each side is its own template's response
     chosen, rejected = chosen or [], rejected or []
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -69,6 +77,10 @@ def tokenize_pairs(batch, indices, tok, cfg, side, side_kwargs: dict[str, Any], 
         chosen, rejected, prompts = _implicit(chosen, rejected)
     else:
         prompts = batch[prompt]
+        if any(isinstance(p, str) for p in prompts) and any(isinstance(c, list) for c in chosen):
+            # a text prompt beside turns: the user's turn, unless the turns repeat it (their shared turns)
+            chosen, rejected, shared = _implicit(chosen, rejected)
+            prompts = [s or ([{"role": "user", "content": p}] if p else None) for s, p in zip(shared, prompts)]
     halves = []
     for responses in (chosen, rejected):
         rows = {cfg.prompt_field: prompts, cfg.response_field: responses}

@@ -102,16 +102,7 @@ def test_orpo_adds_the_chosen_nll_and_skips_the_reference(tiny_recipe, tmp_path)
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
 def test_reference_free_recipes_learn_to_prefer_chosen(tiny_recipe, tmp_path, loss_type):
-    recipe = _pref_recipe(
-        tiny_recipe, tmp_path, max_train_samples=512, max_eval_samples=64,
-        techniques=[{"name": "dpo", "loss_type": loss_type}],
-    )  # fmt: skip
-    recipe["training"].update(
-        max_steps=60, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=20, eval_strategy="steps",
-        eval_steps=60,
-    )  # fmt: skip
-    report = train(Recipe.parse(recipe))
-    losses = [loss for _, loss in report["loss_history"]]
+    report, losses = _learning_run(tiny_recipe, tmp_path, {"name": "dpo", "loss_type": loss_type})
     assert losses[-1] < losses[0]
     assert report["eval_rewards/margins"] > 0 and report["eval_rewards/accuracies"] > 0.5
     facts = next(t["report"] for t in report["techniques"] if t["name"] == "dpo")
@@ -231,20 +222,19 @@ def test_reference_is_the_model_as_loaded_with_adapters_off(tiny_recipe, tmp_pat
     assert on != base
 
 
-def test_recipe_starts_at_log2_and_learns_to_prefer_chosen(tiny_recipe, tmp_path):
-    recipe = _pref_recipe(
-        tiny_recipe,
-        tmp_path,
-        max_train_samples=512,
-        max_eval_samples=64,
-        techniques=[{"name": "dpo", "beta": 0.5}],
-    )
+def _learning_run(tiny_recipe, tmp_path, technique: dict) -> tuple[dict, list[float]]:
+    """60 steps of 8 pairs with a held-out evaluation at the end: (the run report, the logged losses)."""
+    recipe = _pref_recipe(tiny_recipe, tmp_path, max_train_samples=512, max_eval_samples=64, techniques=[technique])
     recipe["training"].update(
         max_steps=60, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=20, eval_strategy="steps",
         eval_steps=60,
     )  # fmt: skip
     report = train(Recipe.parse(recipe))
-    losses = [loss for _, loss in report["loss_history"]]
+    return report, [loss for _, loss in report["loss_history"]]
+
+
+def test_recipe_starts_at_log2_and_learns_to_prefer_chosen(tiny_recipe, tmp_path):
+    report, losses = _learning_run(tiny_recipe, tmp_path, {"name": "dpo", "beta": 0.5})
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # dropout off: the policy starts as the reference
     assert losses[-1] < losses[0] - 0.02
     assert report["eval_rewards/margins"] > 0 and report["eval_rewards/accuracies"] > 0.5

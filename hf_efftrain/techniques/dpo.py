@@ -233,11 +233,9 @@ class DpoTechnique(Technique):
         c = self.config
         total, count = pair_logps(model, batch, mean=False)
         reference = batch[REF].to(total.device) if self.reference else None
-        if c.loss_type in MEAN:
-            policy = total / count.clamp(min=1)
-            scored = reference if reference is None else reference / count.clamp(min=1)
-        else:
-            policy, scored = total, reference
+        per_token = count.clamp(min=1) if c.loss_type in MEAN else 1
+        policy = total / per_token
+        scored = None if reference is None else reference / per_token
         per_pair, rewards = dpo_loss(policy, scored, self.beta, c.loss_type, c.label_smoothing, c.simpo_gamma)
         loss, extra, logged = per_pair.mean(), {}, policy
         if self.reference:  # TRL logs DPO's rewards and log-probs on the sums, whatever the loss (ipo: means)
@@ -251,7 +249,7 @@ class DpoTechnique(Technique):
         return loss
 
     def _add(self, split: str, rewards: torch.Tensor, logps: torch.Tensor, extra: dict) -> None:
-        """Sums over pairs of each logged number (``extra``: a value per pair, or one for the batch)."""
+        """Sums over pairs of each logged number (``extra``: more of them, a value per pair)."""
         values = {
             "rewards/chosen": rewards[:, 0],
             "rewards/rejected": rewards[:, 1],

@@ -11,8 +11,8 @@
 - ``sharegpt``: a column (default ``conversations``) of ``{from, value}`` turns, ``from`` mapped to a role.
 
 - ``preference``: a prompt, a preferred and a dispreferred response (``data.prompt_field``, ``chosen_field``,
-  ``rejected_field``; TRL's preference format), as text or turns; turns may leave the prompt out, as the turns
-  the two share (``preference.py``). Trained by a preference objective (the ``dpo`` technique).
+  ``rejected_field``; TRL's preference format), as text or turns; the prompt may be left out, as what the two
+  share (``preference.py``). Trained by a preference objective (the ``dpo`` technique).
 
 ``auto`` picks, in this order: chosen and rejected columns, a ``messages`` column, a ``conversations`` column, a
 prompt and a response column, else text. Conversations are rendered by ``chat.py``.

@@ -132,18 +132,21 @@ def _require_local(name: str, path: str) -> None:
 
 
 def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
-    """``model.task`` if given, else from the data's columns and the model's ``architectures``."""
+    """``model.task`` if given, else from the data's columns, the model's ``architectures`` and the recipe's
+    objective (``Technique.objective``: preference pairs train a policy under dpo, a reward model under reward_model;
+    without one, a sequence-classification checkpoint is a reward model)."""
     if recipe.model.task != "auto":
         return recipe.model.task
     d = recipe.data
     arch = (getattr(config, "architectures", None) or [""])[0]
-    if arch.endswith("ForSequenceClassification") or d.label_field in columns and d.text_field in columns:
-        return "classification"
     fmt = data_mod.data_format(d, columns)
     if fmt == "preference":
         if config.is_encoder_decoder:
             raise RecipeError("model.task", "preference data trains a decoder-only model here, not an encoder-decoder")
-        return "preference"
+        objective = next((o for n in recipe.technique_names() if (o := get_technique(n).objective)), None)
+        return objective or ("reward" if arch.endswith("ForSequenceClassification") else "preference")
+    if arch.endswith("ForSequenceClassification") or d.label_field in columns and d.text_field in columns:
+        return "classification"
     if fmt != "text":  # prompt_completion, messages, sharegpt (core/data/formats.py)
         return "seq2seq" if config.is_encoder_decoder else "sft"
     if arch.endswith("ForMaskedLM"):
@@ -157,15 +160,14 @@ def _require_objective(task: str, techniques) -> None:
     """A task whose loss no model computes (preference pairs) needs a technique that defines it, and such a
     technique needs its task (``Technique.objective``)."""
     objectives = [t for t in techniques if t.objective]
-    if task == "preference" and not objectives:
-        raise RecipeError(
-            "techniques", "preference data (chosen / rejected) needs a preference objective: add {name: dpo}"
-        )
+    if task in data_mod.PAIR_TASKS and not objectives:
+        fix = "{name: reward_model}" if task == "reward" else "{name: dpo} (a reward model: {name: reward_model})"
+        raise RecipeError("techniques", f"preference data (chosen / rejected) needs an objective: add {fix}")
     for t in objectives:
         if t.objective != task:
             raise RecipeError(
                 "model.task",
-                f"{t.name} trains on {t.objective} data (prompt, chosen, rejected columns), not {task}",
+                f"{t.name} is the objective of model.task {t.objective} (prompt, chosen, rejected), not {task}",
             )
 
 
@@ -247,6 +249,10 @@ def load_data(recipe: Recipe, config, tokenizer, args, techniques: list[Techniqu
             splits, names = data_mod.encode_labels(_as_dict(train_split, eval_split), recipe.data.label_field, head)
             train_split, eval_split = splits["train"], splits.get("eval")
             stats.update(data_mod.set_label_config(config, names, recipe.model.num_labels, head))
+            config.pad_token_id = tokenizer.pad_token_id
+        if task == "reward":  # one output: the reward, read at each row's last non-pad token
+            head = data_mod.checkpoint_head(config) if recipe.model.loads_weights() else None
+            stats.update(data_mod.set_label_config(config, ["reward"], None, head))
             config.pad_token_id = tokenizer.pad_token_id
         train_split = _head(train_split, recipe.data.max_train_samples)
         eval_split = _head(eval_split, recipe.data.max_eval_samples)

@@ -21,6 +21,7 @@ TASK_AUTO_CLASS = {
     "causal_lm": "AutoModelForCausalLM",
     "sft": "AutoModelForCausalLM",
     "preference": "AutoModelForCausalLM",
+    "reward": "AutoModelForSequenceClassification",
     "masked_lm": "AutoModelForMaskedLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "classification": "AutoModelForSequenceClassification",

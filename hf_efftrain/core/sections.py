@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 
 from .recipe_checks import attn_implementation_problem
 
-TASKS = ("auto", "causal_lm", "sft", "preference", "masked_lm", "seq2seq", "classification")
+TASKS = ("auto", "causal_lm", "sft", "preference", "reward", "masked_lm", "seq2seq", "classification")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "sharegpt", "preference")
 LOSS_ON = ("assistant_only", "completion_only", "all")
 
@@ -160,6 +160,9 @@ class DataSection(_Section):
     label_field: str = Field("label", description="classification label column")
     chosen_field: str = Field("chosen", description="preference: the preferred response (text or turns)")
     rejected_field: str = Field("rejected", description="preference: the dispreferred response (text or turns)")
+    margin_field: str = Field(
+        "margin", description="reward: each pair's margin (Llama 2's m(r), TRL's column), used when the data has it"
+    )
     max_length: int = Field(256, ge=8, le=1_048_576, description="tokens per example (longer ones are truncated)")
     max_train_samples: int | None = Field(None, ge=1, description="keep the first N training examples")
     max_eval_samples: int | None = Field(None, ge=1, description="keep the first N evaluation examples")

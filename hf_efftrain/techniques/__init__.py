@@ -24,6 +24,7 @@ from . import (  # noqa: F401
     peft,
     progressive_stacking,
     quantized_base,
+    reward_model,
     selective_backprop,
     seqlen_warmup,
     sparse_training,

@@ -20,7 +20,7 @@ Two reference-free objectives use per-token mean log-probs ``m = log pi(y|x) / |
 
 The implicit rewards (``beta (log pi - log ref)`` on summed log-probs, for ipo too; reference-free: ``beta m``) of
 each side are logged as TRL names them (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``; ``tests/techniques/test_dpo_vs_trl.py`` checks them and the loss against TRL's ``DPOTrainer``).
+``rewards/margins``; ``tests/techniques/test_vs_trl.py`` checks them and the loss against TRL's ``DPOTrainer``).
 The reference is the model as loaded (adapters disabled): its log-probabilities are computed once, before training,
 in one forward pass over the train and eval pairs (sharded over the processes), and travel with each pair (TRL's
 ``precompute_ref_log_probs``). No second model is kept in memory and no step pays a reference forward. Dropout is off
@@ -51,6 +51,12 @@ INPUTS = ("input_ids", "attention_mask")
 REFERENCE_FREE = ("simpo", "orpo")
 MEAN = ("ipo", *REFERENCE_FREE)  # the objectives on per-token mean log-probabilities
 BETA = {"simpo": 2.0}  # the default beta per loss_type (SimPO's paper uses 2-10; DPO, IPO and ORPO's lambda 0.1)
+# The techniques a pair objective (dpo, reward_model) refuses: each changes the rows or the loss that a pair needs
+# whole (or drops pairs by an LM loss).
+PAIR_CONFLICTS = frozenset(
+    {"packing", "seqlen_warmup", "token_dropping", "token_masking", "selective_backprop", "data_pruning",
+     "layer_dropping", "fused_kernels", "progressive_stacking", "generation_samples"}
+)  # fmt: skip
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +100,14 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, Any], mean: bool) -> tup
     return (total / count.clamp(min=1) if mean else total), count
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of ``model`` set to 0 (TRL's ``disable_dropout``, its DPO and reward trainers' default)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def process_share(n: int, rank: int, world: int) -> tuple[int, int]:
     """The contiguous rows [lo, hi) of ``n`` that process ``rank`` of ``world`` scores (the last may hold fewer)."""
     per = -(-n // world)
@@ -126,6 +140,33 @@ def reference_logps(model, dataset, collator, batch_size: int, accelerator=None)
     return out
 
 
+class PairMeans:
+    """Numbers logged per pair (dpo's rewards, reward_model's accuracy): summed per split between logs, then averaged
+    over the pairs of every process (each rank logs the same numbers)."""
+
+    def __init__(self):
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, split: str, values: dict[str, torch.Tensor]) -> None:
+        """``values``: name -> one value per pair of the batch."""
+        sums = self.sums.setdefault(split, {})
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0) + v.sum().float()
+            pairs = torch.tensor(float(v.shape[0]), device=v.device)
+        sums["pairs"] = sums.get("pairs", 0) + pairs
+
+    def pop(self, split: str, accelerator=None) -> dict[str, float]:
+        sums = self.sums.pop(split, None)
+        if not sums:
+            return {}
+        names = list(sums)
+        total = torch.stack([sums[k] for k in names])
+        if accelerator is not None and accelerator.num_processes > 1:
+            total = accelerator.reduce(total, "sum")
+        pairs = total[names.index("pairs")].clamp(min=1)
+        return {k: round(float(v / pairs), 4) for k, v in zip(names, total) if k != "pairs"}
+
+
 class DpoConfig(TechniqueConfig):
     beta: float | None = Field(
         None, gt=0, le=100, description="the reward scale (orpo: lambda); default 0.1, simpo 2.0"
@@ -152,17 +193,13 @@ class DpoTechnique(Technique):
     survey_section = "Fine-tuning objective (preference pairs; beyond the survey)"
     paper = "Rafailov et al. 2023 (arXiv 2305.18290)"
     objective = "preference"
-    # Each changes the rows or the loss that the pair's log-probabilities need whole (or drops pairs by an LM loss).
-    conflicts = frozenset(
-        {"packing", "seqlen_warmup", "token_dropping", "token_masking", "selective_backprop", "data_pruning",
-         "layer_dropping", "fused_kernels", "progressive_stacking", "generation_samples"}
-    )  # fmt: skip
+    conflicts = PAIR_CONFLICTS
     order = ORDER_WRAPPER  # sees the final model (after PEFT): dropout off in the adapters too
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
         self.trainer = None
-        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.logged = PairMeans()
         self.reference_seconds: float | None = None
         self.reference_pairs = [0, 0]  # pairs scored by the reference pass: in all, by this process
         c = self.config
@@ -192,11 +229,7 @@ class DpoTechnique(Technique):
         return args
 
     def on_model(self, model):
-        if self.config.disable_dropout:
-            for m in model.modules():
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = 0.0
-        return model
+        return disable_dropout(model) if self.config.disable_dropout else model
 
     def on_trainer(self, trainer) -> None:
         self.trainer = trainer
@@ -245,35 +278,23 @@ class DpoTechnique(Technique):
             loss = (nll + per_pair).mean()
             # TRL's names: log_odds_ratio is log sigmoid of the log odds ratio
             extra = {"nll_loss": nll.detach(), "log_odds_ratio": -per_pair.detach() / self.beta}
-        self._add("train" if model.training else "eval", rewards, logged.detach(), extra)
+        logps = logged.detach()
+        self.logged.add(
+            "train" if model.training else "eval",
+            {
+                "rewards/chosen": rewards[:, 0],
+                "rewards/rejected": rewards[:, 1],
+                "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float(),
+                "rewards/margins": rewards[:, 0] - rewards[:, 1],
+                "logps/chosen": logps[:, 0],
+                "logps/rejected": logps[:, 1],
+                **extra,
+            },
+        )
         return loss
 
-    def _add(self, split: str, rewards: torch.Tensor, logps: torch.Tensor, extra: dict) -> None:
-        """Sums over pairs of each logged number (``extra``: more of them, a value per pair)."""
-        values = {
-            "rewards/chosen": rewards[:, 0],
-            "rewards/rejected": rewards[:, 1],
-            "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float(),
-            "rewards/margins": rewards[:, 0] - rewards[:, 1],
-            "logps/chosen": logps[:, 0],
-            "logps/rejected": logps[:, 1],
-            **extra,
-        }
-        sums = self.sums.setdefault(split, {})
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0) + v.sum().float()
-        sums["pairs"] = sums.get("pairs", 0) + torch.tensor(float(rewards.shape[0]), device=rewards.device)
-
     def metrics(self, split: str) -> dict[str, float]:
-        sums = self.sums.pop(split, None)
-        if not sums:
-            return {}
-        names = list(sums)
-        total = torch.stack([sums[k] for k in names])
-        if self.trainer is not None and self.trainer.accelerator.num_processes > 1:
-            total = self.trainer.accelerator.reduce(total, "sum")  # every rank logs: the same numbers everywhere
-        pairs = total[names.index("pairs")].clamp(min=1)
-        return {k: round(float(v / pairs), 4) for k, v in zip(names, total) if k != "pairs"}
+        return self.logged.pop(split, self.trainer.accelerator if self.trainer is not None else None)
 
     def report(self) -> dict[str, Any]:
         return {

@@ -40,7 +40,7 @@ from ..errors import RecipeError
 logger = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
-NO_GENERATION_TASKS = ("masked_lm", "classification")
+NO_GENERATION_TASKS = ("masked_lm", "classification", "reward")
 
 
 def _ints(values: Any) -> list[int]:

@@ -259,7 +259,7 @@ def test_refusals(tiny_recipe, tmp_path):
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, techniques=[])))
     with pytest.raises(RecipeError, match=r"^model.task: dpo trains on preference pairs"):
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, model={"task": "sft"})))
-    with pytest.raises(RecipeError, match=r"^model.task: dpo trains on preference data .* not causal_lm"):
+    with pytest.raises(RecipeError, match=r"^model.task: dpo is the objective of model.task preference .* causal_lm"):
         build(Recipe.parse(tiny_recipe(techniques=[{"name": "dpo"}])))  # text data, task auto
     with pytest.raises(RecipeError, match=r"dpo cannot be combined with packing"):
         build(Recipe.parse(_pref_recipe(tiny_recipe, tmp_path, techniques=[{"name": "dpo"}, {"name": "packing"}])))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import RecipeError
+from .formats import PAIR_TASKS
 from .preference import PreferenceCollator
 
 
@@ -20,4 +21,4 @@ def make_collator(task: str, tokenizer, model: Any = None, mlm_probability: floa
         return DataCollatorWithPadding(tokenizer)
     # Pads input_ids/attention_mask with the pad id and labels with -100 (no loss on padding).
     pad = DataCollatorForSeq2Seq(tokenizer, model=model if task == "seq2seq" else None, label_pad_token_id=-100)
-    return PreferenceCollator(pad) if task == "preference" else pad
+    return PreferenceCollator(pad) if task in PAIR_TASKS else pad

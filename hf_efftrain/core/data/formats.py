@@ -25,6 +25,7 @@ from typing import Any
 from ...errors import RecipeError
 
 CONVERSATIONS = ("messages", "sharegpt")
+PAIR_TASKS = ("preference", "reward")  # the tasks on preference pairs: a policy (dpo) or a reward model
 # Which formats each model.task trains on ("auto": the task is inferred from the format, see build.infer_task).
 TASK_FORMATS = {
     "causal_lm": ("text",),
@@ -33,6 +34,7 @@ TASK_FORMATS = {
     "seq2seq": ("prompt_completion", "text"),
     "sft": ("prompt_completion", "messages", "sharegpt"),
     "preference": ("preference",),
+    "reward": ("preference",),
 }
 # data.loss_on each format allows; the first is its default.
 LOSS_ON = {
@@ -86,7 +88,7 @@ def data_format(cfg, columns, task: str = "auto") -> str:
         fix = (
             "a decoder-only model (model.task sft)"
             if fmt in CONVERSATIONS
-            else "model.task preference and a preference objective (techniques: [{name: dpo}])"
+            else "model.task preference or reward and its objective ({name: dpo} or {name: reward_model})"
             if fmt == "preference"
             else " or ".join(allowed)
         )
@@ -97,7 +99,7 @@ def data_format(cfg, columns, task: str = "auto") -> str:
 def _infer(cfg, columns, task: str) -> str:
     if task in ("causal_lm", "masked_lm", "classification"):
         return "text"
-    if task == "preference" or cfg.chosen_field in columns and cfg.rejected_field in columns:
+    if task in PAIR_TASKS or cfg.chosen_field in columns and cfg.rejected_field in columns:
         return "preference"  # a missing column is named by tokenize
     if cfg.messages_field is not None:  # named explicitly: a conversation column, whatever its keys say
         keys = _turn_keys(columns.get(cfg.messages_field) if isinstance(columns, dict) else None)

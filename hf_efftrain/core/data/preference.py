@@ -25,6 +25,22 @@ from .formats import is_turns
 REJECTED = "rejected_"  # prefix of the rejected side's columns: rejected_input_ids, rejected_labels, ...
 SIDES = ("input_ids", "attention_mask", "labels")
 FEATURES = datasets.Features({**CHAT_FEATURES, **{REJECTED + k: CHAT_FEATURES[k] for k in SIDES}})
+MARGIN = "margin"  # the tokenized column of each pair's margin (model.task reward; data.margin_field)
+
+
+def pair_features(margin: bool) -> datasets.Features:
+    """The features of tokenized pairs (and of their margins)."""
+    return datasets.Features({**FEATURES, MARGIN: datasets.Value("float32")}) if margin else FEATURES
+
+
+def margin_column(cfg, columns, task: str) -> str | None:
+    """The margin column a reward model trains with: ``data.margin_field`` when the data has it (or the recipe set
+    it, so that a missing column is named), for ``model.task: reward`` only."""
+    if task != "reward":
+        if "margin_field" in cfg.model_fields_set:
+            raise RecipeError("data.margin_field", f"applies to model.task reward (reward_model), not {task}")
+        return None
+    return cfg.margin_field if cfg.margin_field in columns or "margin_field" in cfg.model_fields_set else None
 
 
 def preference_columns(dataset, cfg, source: str) -> tuple[str | None, bool]:
@@ -67,11 +83,13 @@ def split_shared_turns(chosen: list | str | None, rejected: list | str | None) -
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def tokenize_pairs(batch, indices, tok, cfg, side, side_kwargs: dict[str, Any], prompt: str | None):
+def tokenize_pairs(
+    batch, indices, tok, cfg, side, side_kwargs: dict[str, Any], prompt: str | None, margin: str | None = None
+):
     """``datasets.map`` function: each pair -> the chosen side's input_ids / attention_mask / labels and the
     rejected side's (``rejected_*``), with the flags of ``tokenization.tokenize``. ``side(rows, indices, tok, cfg,
     **side_kwargs)`` tokenizes prompt-completion rows (``_sft_rows`` or ``chat.tokenize_chat``); ``prompt``: the
-    prompt column (None: the turns the two responses share)."""
+    prompt column (None: the turns the two responses share); ``margin``: the margin column, copied as ``MARGIN``."""
     chosen, rejected = batch[cfg.chosen_field], batch[cfg.rejected_field]
     if prompt is None:
         chosen, rejected, prompts = _implicit(chosen, rejected)
@@ -92,7 +110,18 @@ def tokenize_pairs(batch, indices, tok, cfg, side, side_kwargs: dict[str, Any], 
     out["_truncated"] = [a or b for a, b in zip(good["_truncated"], bad["_truncated"])]
     none = [""] * len(indices)
     out["_error"] = [a or b for a, b in zip(good.get("_error", none), bad.get("_error", none))]
+    if margin is not None:
+        out[MARGIN] = [_margin(m) for m in batch[margin]]
+        k = next((i for i, m in enumerate(out[MARGIN]) if m is None), None)
+        if k is not None:  # tokenize raises it, naming the field
+            out["_error"][0] = f"data.margin_field\trow {indices[k]}: {margin} is {batch[margin][k]!r}, not a number"
     return out
+
+
+def _margin(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        return None
+    return float(value)
 
 
 def _implicit(chosen: list, rejected: list) -> tuple[list, list, list]:

@@ -195,6 +195,6 @@ def require_columns(dataset, columns: dict[str, str], source: str) -> None:
         is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
         if field in TURN_FIELDS and is_turns(feature):
             continue  # TRL's conversational prompt-completion and preference (formats.py)
-        if field != "data.label_field" and not is_text:
+        if field not in ("data.label_field", "data.margin_field") and not is_text:  # labels, margins: checked later
             kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
             raise RecipeError(field, f"column {column!r} in {source} must hold text (strings), not {kind}")

@@ -25,6 +25,7 @@ from .chat import FEATURES as CHAT_FEATURES
 from .chat import require_template, template_of, tokenize_chat
 from .formats import (
     CONVERSATIONS,
+    PAIR_TASKS,
     check_conversation_column,
     conversation_column,
     data_format,
@@ -33,8 +34,7 @@ from .formats import (
     prompt_completion_columns,
     resolve_loss_on,
 )
-from .preference import FEATURES as PAIR_FEATURES
-from .preference import preference_columns, tokenize_pairs
+from .preference import margin_column, pair_features, preference_columns, tokenize_pairs
 from .sources import _first_bad_line, describe
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ def task_columns(task: str, data_cfg, columns: list[str] | None = None) -> dict[
     fmt = data_format(data_cfg, columns or (), task)
     if fmt == "preference":  # the prompt column is optional for turns (tokenize: preference.preference_columns)
         found = {f"data.{f}": getattr(data_cfg, f) for f in ("prompt_field", "chosen_field", "rejected_field")}
-        return {k: c for k, c in found.items() if k != "data.prompt_field" or c in (columns or ())}
+        found = {k: c for k, c in found.items() if k != "data.prompt_field" or c in (columns or ())}
+        margin = margin_column(data_cfg, columns or (), task)
+        return {**found, "data.margin_field": margin} if margin else found
     if fmt in CONVERSATIONS:  # a turns column: only its presence is checked here, its turns by tokenize
         return {"data.messages_field": conversation_column(data_cfg, fmt)}
     if fmt == "prompt_completion":
@@ -76,6 +78,7 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
         "masked_lm": _masked_lm,
         "classification": _classification,
         "preference": tokenize_pairs,
+        "reward": tokenize_pairs,
     }[task]
     source = describe(getattr(data_cfg, split.split(".", 1)[-1], None) or data_cfg.train)  # a str or a list of sources
     fmt = data_format(data_cfg, dataset.features, task)
@@ -89,15 +92,16 @@ def tokenize(dataset, task: str, tokenizer, data_cfg, split: str = "data.train",
         kwargs.update(fmt=fmt, loss_on=resolve_loss_on(data_cfg, fmt, task), turns=turns)
     elif task == "sft":
         kwargs["loss_on"] = resolve_loss_on(data_cfg, fmt, task)
-    elif task == "preference":  # each side tokenized as an sft prompt-completion row, the loss on the response
+    elif task in PAIR_TASKS:  # each side tokenized as an sft prompt-completion row, the loss on the response
         resolve_loss_on(data_cfg, fmt, task)
         prompt, turns = preference_columns(dataset, data_cfg, source)
         chat = turns or template_of(tokenizer) is not None
         if chat:
             require_template(tokenizer, "conversational preference" if turns else "preference")
         side = {"fmt": "prompt_completion", "loss_on": "completion_only", "turns": turns} if chat else {}
-        kwargs.update(side=tokenize_chat if chat else _sft_rows, side_kwargs=side, prompt=prompt)
-        features = PAIR_FEATURES
+        margin = margin_column(data_cfg, dataset.column_names, task)
+        kwargs.update(side=tokenize_chat if chat else _sft_rows, side_kwargs=side, prompt=prompt, margin=margin)
+        features = pair_features(margin is not None)
     else:
         resolve_loss_on(data_cfg, fmt, task)  # checks the field: text data has a loss on every token
     try:

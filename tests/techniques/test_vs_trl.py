@@ -1,26 +1,29 @@
-"""hf_efftrain's ``dpo`` against TRL (the field's reference implementation): ``DPOTrainer`` for sigmoid and ipo,
-``experimental.cpo.CPOTrainer`` for simpo, ``experimental.orpo.ORPOTrainer`` for orpo. The same model, the same
-tokenized pairs, the same optimizer and data order: the per-step losses and logged rewards must agree. TRL tokenizes
-its own way (BOS/EOS details), so it is handed our tokens and its own tokenization is skipped."""
+"""hf_efftrain's pair objectives against TRL (the field's reference implementation). ``dpo``: ``DPOTrainer`` for
+sigmoid and ipo, ``experimental.cpo.CPOTrainer`` for simpo, ``experimental.orpo.ORPOTrainer`` for orpo;
+``reward_model``: ``RewardTrainer``. The same model, the same tokenized pairs, the same optimizer and data order: the
+per-step losses and logged numbers must agree. TRL tokenizes its own way (BOS/EOS details), so it is handed our
+tokens and its own tokenization is skipped (RewardTrainer takes ``chosen_ids`` / ``rejected_ids`` as processed)."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import datasets
 import pytest
 import trl  # the test extra pins it
 
 from hf_efftrain import Recipe
+from hf_efftrain.builtins.data import load_builtin_dataset
 from hf_efftrain.core.build import build
 from hf_efftrain.core.data.preference import REJECTED
 
 STEPS = 6
 KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
-# Step 0 agrees to fp32 round-off (different padding, so other matmul shapes); training amplifies it a little.
-# DPO's rewards are beta x a difference of two log-probs near -100: their tolerance is absolute.
-TOLERANCE = {"loss": {"rel": 2e-3}, "logps": {"rel": 5e-4}, "rewards": {"abs": 1e-2}, "nll_loss": {"rel": 2e-3},
-             "log_odds_ratio": {"rel": 2e-3, "abs": 1e-4}}  # fmt: skip
+# TRL's configs default to bf16 autocast (even on a CPU): both sides run in our precision (_same_args). The numbers
+# then agree to fp32 round-off; what is left is our logs' rounding to 4 decimals (absolute 5e-5).
+TOLERANCE = {"loss": {"rel": 1e-5}, "logps": {"abs": 1e-4}, "rewards": {"abs": 1e-4}, "nll_loss": {"rel": 1e-5},
+             "log_odds_ratio": {"abs": 1e-4}, "margin": {"abs": 1e-4}, "mean_reward": {"abs": 1e-4}}  # fmt: skip
 
 
 def _as_trl_pairs(dataset) -> datasets.Dataset:
@@ -59,7 +62,7 @@ def _same_args(built, tmp_path) -> dict:
     """The TrainingArguments of our run that decide the updates and the data order, for TRL's config."""
     a = built.args
     fields = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "optim",
-              "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "data_seed",
+              "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "data_seed", "bf16", "fp16",
               "per_device_train_batch_size")  # fmt: skip
     return {k: getattr(a, k) for k in fields} | dict(
         output_dir=str(tmp_path / "trl"), max_steps=STEPS, report_to=[], logging_steps=1, use_cpu=True,
@@ -127,3 +130,41 @@ def test_reference_free_losses_match_trl_step_by_step(tiny_recipe, tmp_path, mon
     trainer.train()
     theirs = [e for e in trainer.state.log_history if "loss" in e]
     _agree(ours[:1] if loss_type == "orpo" else ours, theirs[:1] if loss_type == "orpo" else theirs, keys)
+
+
+@pytest.mark.parametrize("case", ["plain", "centred", "margins"])
+def test_reward_model_matches_trl_step_by_step(tiny_recipe, tmp_path, case):
+    center = 0.05 if case == "centred" else 0.0
+    data = {"train": "builtin:pref-synthetic", "max_train_samples": 48, "max_eval_samples": 8}
+    if case == "margins":  # Llama 2's margin column, which both take by TRL's name
+        rows = load_builtin_dataset("pref-synthetic")["train"].select(range(48)).to_list()
+        path = tmp_path / "pairs.jsonl"
+        path.write_text("".join(json.dumps({**r, "margin": (i % 3) / 2}) + "\n" for i, r in enumerate(rows)))
+        data = {"train": str(path)}
+    recipe = tiny_recipe(
+        data=data,
+        training={"max_steps": STEPS, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "weight_decay": 0.01},
+        techniques=[{"name": "reward_model", "center_rewards_coefficient": center}],
+    )
+    built = build(Recipe.parse(recipe))
+    start, pairs = copy.deepcopy(built.model), built.train_dataset
+    assert ("margin" in pairs.column_names) == (case == "margins")
+    built.trainer.train()
+    ours = [e for e in built.trainer.state.log_history if "loss" in e]
+
+    extra = ("margin",) if case == "margins" else ()
+    rows = [{"chosen_ids": r["input_ids"], "rejected_ids": r[REJECTED + "input_ids"]} | {k: r[k] for k in extra}
+            for r in pairs]  # fmt: skip
+    config = trl.RewardConfig(
+        max_length=None, center_rewards_coefficient=center or None, **_same_args(built, tmp_path)
+    )
+    trainer = trl.RewardTrainer(
+        model=start, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=built.tokenizer
+    )
+    trainer.train()
+    theirs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(ours) == len(theirs) == STEPS
+    for key in ("loss", "margin", "mean_reward"):
+        assert [e[key] for e in ours] == pytest.approx([e[key] for e in theirs], **TOLERANCE[key]), key
+    assert [e["accuracy"] for e in ours] == [e["accuracy"] for e in theirs]
+    assert ours[-1]["loss"] != pytest.approx(ours[0]["loss"], abs=1e-3)  # training moved: not a trivial agreement

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "builtin:"  # how a recipe names a built-in: builtin:<name>
 BUILTIN_DATASETS: tuple[str, ...] = (
-    "stdlib-docs", "sft-synthetic", "chat-synthetic", "cls-synthetic", "pref-synthetic"
+    "stdlib-docs", "sft-synthetic", "chat-synthetic", "cls-synthetic", "pref-synthetic", "pref-pointwise"
 )  # fmt: skip
 
 SEED = 1234
@@ -344,6 +344,20 @@ def _build_pref_synthetic() -> datasets.DatasetDict:
     return _split([{"prompt": p, "chosen": c, "rejected": r} for p, (c, r) in rows.items()], "prompt")
 
 
+def _build_pref_pointwise() -> datasets.DatasetDict:
+    """pref-synthetic's answers one per row (text: prompt and answer; label 1 chosen, 0 rejected), in its splits: what
+    the stock Trainer learns a scorer from without a pairwise loss (the reward_model benchmark's baseline)."""
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["0", "1"])})
+    pairs = _build_pref_synthetic()
+
+    def pointwise(split: datasets.Dataset) -> datasets.Dataset:
+        rows = [{"text": f"{r['prompt']}\n{r[side]}", "label": int(side == "chosen")}
+                for r in split for side in ("chosen", "rejected")]  # fmt: skip
+        return datasets.Dataset.from_list(rows, features=features)
+
+    return datasets.DatasetDict({name: pointwise(split) for name, split in pairs.items()})
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 _BUILDERS: dict[str, Callable[[], datasets.DatasetDict]] = {
@@ -352,6 +366,7 @@ _BUILDERS: dict[str, Callable[[], datasets.DatasetDict]] = {
     "chat-synthetic": _build_chat_synthetic,
     "cls-synthetic": _build_cls_synthetic,
     "pref-synthetic": _build_pref_synthetic,
+    "pref-pointwise": _build_pref_pointwise,
 }
 
 

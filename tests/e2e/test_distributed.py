@@ -366,3 +366,35 @@ def test_reference_free_orpo_trains_under_deepspeed_zero3(tmp_path_factory, tiny
     losses = [loss for _, loss in report["loss_history"]]
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]  # the NLL term falls from step 1
     assert "eval_nll_loss" in report and "eval_log_odds_ratio" in report
+
+
+@pytest.mark.slow
+def test_reward_model_ddp_logs_the_accuracy_of_all_processes(tmp_path, tiny_recipe):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_efftrain import Recipe
+    from hf_efftrain.core.build import build
+    from hf_efftrain.techniques.reward_model import pair_rewards
+
+    recipe = tiny_recipe(
+        data={"train": "builtin:pref-synthetic", "max_train_samples": 64, "max_eval_samples": 16},
+        training={"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
+                  "per_device_eval_batch_size": 8, "eval_strategy": "steps", "eval_steps": 4},
+        techniques=[{"name": "reward_model"}],
+    )  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = _accelerate_launch("cpu_ddp.yaml", 29557, "-m", "hf_efftrain", "train", str(path))
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads((tmp_path / "run" / "run_report.json").read_text())
+    assert report["world_size"] == 2 and report["task"] == "reward"
+    # 8 held-out pairs per process: the logged accuracy is the saved model's over all 16, not one rank's half
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run").eval()
+    built = build(Recipe.parse(recipe))
+    pairs = built.eval_dataset
+    with torch.no_grad():
+        rewards = pair_rewards(model, built.collator(list(pairs)))
+    assert len(pairs) == 16
+    assert report["eval_accuracy"] == pytest.approx((rewards[:, 0] > rewards[:, 1]).float().mean().item(), abs=1e-4)
+    assert report["eval_margin"] == pytest.approx((rewards[:, 0] - rewards[:, 1]).mean().item(), abs=2e-4)

@@ -165,6 +165,15 @@ def test_cls_synthetic_is_learnable_but_not_trivial(cache: Path):
     assert 0.6 < accuracy < 0.97, accuracy
 
 
+def test_pref_pointwise_is_pref_synthetic_one_answer_a_row_in_the_same_splits(cache: Path):
+    pairs, rows = load_builtin_dataset("pref-synthetic"), load_builtin_dataset("pref-pointwise")
+    for split in ("train", "validation"):
+        assert rows[split].features["label"].names == ["0", "1"]
+        expected = [(f"{p['prompt']}\n{p[side]}", int(side == "chosen")) for p in pairs[split]
+                    for side in ("chosen", "rejected")]  # fmt: skip
+        assert list(zip(rows[split]["text"], rows[split]["label"])) == expected
+
+
 def test_unknown_dataset_names_the_allowed_ones():
     with pytest.raises(RecipeError) as err:
         load_builtin_dataset("builtin:nope", path="data.eval")

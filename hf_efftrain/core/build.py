@@ -143,8 +143,7 @@ def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
     if fmt == "preference":
         if config.is_encoder_decoder:
             raise RecipeError("model.task", "preference data trains a decoder-only model here, not an encoder-decoder")
-        objective = next((o for n in recipe.technique_names() if (o := get_technique(n).objective)), None)
-        return objective or ("reward" if arch.endswith("ForSequenceClassification") else "preference")
+        return recipe_objective(recipe) or ("reward" if arch.endswith("ForSequenceClassification") else "preference")
     if arch.endswith("ForSequenceClassification") or d.label_field in columns and d.text_field in columns:
         return "classification"
     if fmt != "text":  # prompt_completion, messages, sharegpt (core/data/formats.py)
@@ -154,6 +153,11 @@ def infer_task(recipe: Recipe, config, columns: list[str]) -> str:
     if config.is_encoder_decoder:
         return "seq2seq"
     return "causal_lm"
+
+
+def recipe_objective(recipe: Recipe) -> str | None:
+    """The task that the recipe's objective technique defines (``Technique.objective``), if it has one."""
+    return next((o for n in recipe.technique_names() if (o := get_technique(n).objective)), None)
 
 
 def _require_objective(task: str, techniques) -> None:

@@ -199,4 +199,7 @@ def example_lines(dry: DryBuild) -> list[str]:
     if REJECTED + "input_ids" in row:  # a preference pair: the chosen side above, the rejected one below
         rejected = render_example(dry.tokenizer, row[REJECTED + "input_ids"], row[REJECTED + "labels"], True, None)
         lines = [f"chosen {lines[0]}", *lines[1:], f"rejected {rejected[0]}", *rejected[1:]]
+    if dry.task == "reward":  # [[ ]] marks the responses; a reward model has no token loss
+        last = [dry.tokenizer.decode(ids[-1:]) for ids in (row["input_ids"], row[REJECTED + "input_ids"])]
+        lines.append(f"the reward is read at each side's last token ({last[0]!r}, {last[1]!r}), not a token loss")
     return lines

@@ -214,7 +214,8 @@ def model_from_config(config: Any, auto_class: str = "AutoModelForCausalLM") -> 
     except ImportError:
         lora_defaults = {}
     targets = tuple(lora_defaults.get(getattr(config, "model_type", ""), ("q_proj", "v_proj")))
-    vocab = int(_get(config, "vocab_size"))
+    # The head's output width: the vocabulary of an LM head, the classes of a classifier (a reward model: 1).
+    vocab = int(_get(config, "vocab_size")) if out_emb is not None else int(getattr(config, "num_labels", 1))
     return ModelSpec(
         params=params,
         layers=layers,
@@ -240,7 +241,7 @@ def _optimizer_from_name(name: str) -> tuple[str, int]:
 def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     """(model config, Setup) from a recipe: batch and length, the techniques that change memory. No weights load."""
     from ..builtins import is_builtin
-    from ..core.build import load_tokenizer
+    from ..core.build import load_tokenizer, recipe_objective
     from ..core.model_loading import load_config
     from ..core.technique import Env
 
@@ -293,9 +294,13 @@ def setup_from_recipe(recipe: Any, device: str = "cuda") -> tuple[Any, Setup]:
     if attention not in ("eager", "sdpa", "flash"):
         notes.append(f"attention {attention!r} counted as sdpa (no score matrix kept)")
         attention = "sdpa"
+    # A pair objective (dpo, reward_model) runs both answers of each pair: 2 rows a pair (core/data/preference.py).
+    rows = 2 if recipe_objective(recipe) else 1
+    if rows == 2:
+        notes.append("a pair objective: the micro-batch counts 2 rows (chosen, rejected) per pair")
     setup = Setup(
         seq_len=int(recipe.data.max_length),
-        batch=int(training.get("per_device_train_batch_size", 8)),
+        batch=int(training.get("per_device_train_batch_size", 8)) * rows,
         grad_accum=int(training.get("gradient_accumulation_steps", 1)),
         precision=precision,
         pure_16bit=pure and precision != "fp32",

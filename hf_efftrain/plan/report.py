@@ -197,12 +197,16 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def recipe_model_and_setup(recipe: Any, device: str, accelerate_config: str | None = None) -> tuple[ModelSpec, Setup]:
     """The planner's model and set-up for a recipe (and an ``accelerate launch`` config); no weights are loaded."""
-    from ..core.build import infer_task
+    from ..core.build import infer_task, recipe_objective
     from ..core.model_loading import TASK_AUTO_CLASS
     from .inputs import distributed_from_accelerate, model_from_config, setup_from_recipe
 
     config, setup = setup_from_recipe(recipe, device)
-    model = model_from_config(config, TASK_AUTO_CLASS[infer_task(recipe, config, [])])
+    # No data is read here: a pair objective names its task (a reward model's class), else the model and recipe do.
+    task = recipe_objective(recipe) or infer_task(recipe, config, [])
+    if task == "reward":
+        config.num_labels = 1  # as build.load_data sizes it
+    model = model_from_config(config, TASK_AUTO_CLASS[task])
     if accelerate_config:
         setup = setup.changed(**distributed_from_accelerate(accelerate_config))
     return model, setup

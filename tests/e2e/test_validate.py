@@ -116,6 +116,16 @@ def test_validate_shows_the_masked_lm_collators_masks(tmp_path, capsys, tiny_rec
     assert "[[<mask>→" in out[out.index(header) + 1]
 
 
+def test_validate_shows_a_reward_models_pair_and_where_it_reads_the_reward(tmp_path, capsys, tiny_recipe):
+    recipe = tiny_recipe(data={"train": "builtin:pref-synthetic"}, techniques=[{"name": "reward_model"}])
+    code, out, err = validate(tmp_path, capsys, recipe)
+    assert code == 0, err
+    assert any("reward, LlamaForSequenceClassification" in line for line in out)
+    header = next(i for i, line in enumerate(out) if line.startswith("example, data.train row 0: chosen "))
+    assert out[header + 2].startswith("rejected ")
+    assert out[header + 4] == "the reward is read at each side's last token ('\\n', '\\n'), not a token loss"
+
+
 def test_hooks_run_on_the_meta_model_without_reading_weights(tmp_path, tiny_recipe, monkeypatch):
     """A saved model folder: config only, every parameter on meta, from_pretrained never called; a technique's
     on_model sees that model (peft wraps it)."""

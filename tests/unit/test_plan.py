@@ -487,6 +487,22 @@ def test_recipe_with_fused_kernels_plans_the_chunked_loss(tmp_path, tiny_recipe)
     assert loss_chunk(1, 32768, 2048) == 1
 
 
+def test_pair_objectives_plan_two_rows_a_pair_and_a_reward_model_without_an_lm_head(tiny_recipe):
+    from hf_efftrain.core.recipe import Recipe
+    from hf_efftrain.plan.report import recipe_model_and_setup
+
+    data = {"train": "builtin:pref-synthetic"}
+    sft, _ = recipe_model_and_setup(Recipe.parse(tiny_recipe()), "cpu")
+    for name in ("dpo", "reward_model"):
+        model, setup = recipe_model_and_setup(Recipe.parse(tiny_recipe(data=data, techniques=[{"name": name}])), "cpu")
+        assert setup.batch == 2 * 8 and any("2 rows" in n for n in setup.notes)  # 8 pairs: 16 sequences
+        # dpo trains the causal LM (its head: the vocabulary); a reward model's head has one row a class
+        if name == "dpo":
+            assert (model.vocab, model.params) == (sft.vocab, sft.params)
+        else:  # one output: no [tokens, vocab] logits
+            assert model.vocab == 1 and model.params < sft.params
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_only_if_native_bf16_is_planned_as_it_will_run(monkeypatch, tiny_recipe, native):
     """bf16 with only_if_native trains in fp32 where bf16 matmuls are emulated: the plan must say fp32 there too."""

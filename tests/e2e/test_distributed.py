@@ -368,6 +368,30 @@ def test_reference_free_orpo_trains_under_deepspeed_zero3(tmp_path_factory, tiny
     assert "eval_nll_loss" in report and "eval_log_odds_ratio" in report
 
 
+def _reward_recipe(tmp_path, tiny_recipe) -> Path:
+    recipe = tiny_recipe(
+        data={"train": "builtin:pref-synthetic", "max_train_samples": 64, "max_eval_samples": 16},
+        training={"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
+                  "per_device_eval_batch_size": 8, "eval_strategy": "steps", "eval_steps": 4},
+        techniques=[{"name": "reward_model"}],
+    )  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_reward_model_trains_under_deepspeed_zero3_offload(tmp_path, tiny_recipe):
+    import math
+
+    path = _reward_recipe(tmp_path, tiny_recipe)
+    res = _accelerate_launch("cpu_deepspeed_zero3_offload.yaml", 29559, "-m", "hf_efftrain", "train", str(path))
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads((tmp_path / "run" / "run_report.json").read_text())
+    assert report["distributed_type"] == "DEEPSPEED" and report["task"] == "reward"
+    assert all(math.isfinite(loss) for _, loss in report["loss_history"]) and 0 <= report["eval_accuracy"] <= 1
+
+
 @pytest.mark.slow
 def test_reward_model_ddp_logs_the_accuracy_of_all_processes(tmp_path, tiny_recipe):
     import torch
@@ -377,14 +401,8 @@ def test_reward_model_ddp_logs_the_accuracy_of_all_processes(tmp_path, tiny_reci
     from hf_efftrain.core.build import build
     from hf_efftrain.techniques.reward_model import pair_rewards
 
-    recipe = tiny_recipe(
-        data={"train": "builtin:pref-synthetic", "max_train_samples": 64, "max_eval_samples": 16},
-        training={"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
-                  "per_device_eval_batch_size": 8, "eval_strategy": "steps", "eval_steps": 4},
-        techniques=[{"name": "reward_model"}],
-    )  # fmt: skip
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = _reward_recipe(tmp_path, tiny_recipe)
+    recipe = yaml.safe_load(path.read_text())
     res = _accelerate_launch("cpu_ddp.yaml", 29557, "-m", "hf_efftrain", "train", str(path))
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads((tmp_path / "run" / "run_report.json").read_text())

@@ -167,6 +167,33 @@ class PairMeans:
         return {k: round(float(v / pairs), 4) for k, v in zip(names, total) if k != "pairs"}
 
 
+class PairObjective(Technique):
+    """What dpo and reward_model share: extra columns kept, dropout off (``config.disable_dropout``), a loss that
+    is a mean per micro-batch, and numbers logged per pair (``self.logged``)."""
+
+    conflicts = PAIR_CONFLICTS
+    order = ORDER_WRAPPER  # sees the final model (after PEFT): dropout off in the adapters too
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.trainer = None
+        self.logged = PairMeans()
+
+    def training_args(self, args):
+        args.remove_unused_columns = False  # the rejected side (and reference log-probs, margins) in extra columns
+        return args
+
+    def on_model(self, model):
+        return disable_dropout(model) if self.config.disable_dropout else model
+
+    def on_trainer(self, trainer) -> None:
+        self.trainer = trainer
+        trainer.loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides by accumulation steps
+
+    def metrics(self, split: str) -> dict[str, float]:
+        return self.logged.pop(split, self.trainer.accelerator if self.trainer is not None else None)
+
+
 class DpoConfig(TechniqueConfig):
     beta: float | None = Field(
         None, gt=0, le=100, description="the reward scale (orpo: lambda); default 0.1, simpo 2.0"
@@ -187,19 +214,15 @@ class DpoConfig(TechniqueConfig):
 
 
 @register_technique
-class DpoTechnique(Technique):
+class DpoTechnique(PairObjective):
     name = "dpo"
     Config = DpoConfig
     survey_section = "Fine-tuning objective (preference pairs; beyond the survey)"
     paper = "Rafailov et al. 2023 (arXiv 2305.18290)"
     objective = "preference"
-    conflicts = PAIR_CONFLICTS
-    order = ORDER_WRAPPER  # sees the final model (after PEFT): dropout off in the adapters too
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
-        self.trainer = None
-        self.logged = PairMeans()
         self.reference_seconds: float | None = None
         self.reference_pairs = [0, 0]  # pairs scored by the reference pass: in all, by this process
         c = self.config
@@ -224,16 +247,8 @@ class DpoTechnique(Technique):
                 "ZeRO-1/2 (with LoRA or QLoRA the model is small), or a reference-free loss_type (simpo, orpo)",
             )
 
-    def training_args(self, args):
-        args.remove_unused_columns = False  # the rejected side and the reference log-probs ride in extra columns
-        return args
-
-    def on_model(self, model):
-        return disable_dropout(model) if self.config.disable_dropout else model
-
     def on_trainer(self, trainer) -> None:
-        self.trainer = trainer
-        trainer.loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides by accumulation steps
+        super().on_trainer(trainer)
         model = trainer.model
         if not self.reference or next(model.parameters()).is_meta:  # meta: hf-efftrain validate, no weights
             return
@@ -292,9 +307,6 @@ class DpoTechnique(Technique):
             },
         )
         return loss
-
-    def metrics(self, split: str) -> dict[str, float]:
-        return self.logged.pop(split, self.trainer.accelerator if self.trainer is not None else None)
 
     def report(self) -> dict[str, Any]:
         return {

@@ -30,9 +30,9 @@ from pydantic import Field
 
 from ..core.data.preference import MARGIN
 from ..core.registry import register_technique
-from ..core.technique import ORDER_WRAPPER, Technique, TechniqueConfig
+from ..core.technique import TechniqueConfig
 from ..errors import RecipeError
-from .dpo import INPUTS, PAIR_CONFLICTS, PairMeans, disable_dropout
+from .dpo import INPUTS, PAIR_CONFLICTS, PairObjective
 
 
 def reward_loss(
@@ -61,36 +61,19 @@ class RewardModelConfig(TechniqueConfig):
 
 
 @register_technique
-class RewardModelTechnique(Technique):
+class RewardModelTechnique(PairObjective):
     name = "reward_model"
     Config = RewardModelConfig
     survey_section = "Fine-tuning objective (preference pairs; beyond the survey)"
     paper = "Ouyang et al. 2022 (arXiv 2203.02155)"
     objective = "reward"
     conflicts = PAIR_CONFLICTS | {"dpo"}  # one objective per recipe
-    order = ORDER_WRAPPER  # sees the final model (after PEFT): dropout off in the adapters too
-
-    def __init__(self, config=None, **kwargs):
-        super().__init__(config, **kwargs)
-        self.trainer = None
-        self.logged = PairMeans()
 
     def validate(self, recipe, env) -> None:
         if recipe.model.task not in ("auto", "reward"):
             raise RecipeError(
                 "model.task", f"reward_model trains a reward model (model.task reward), not {recipe.model.task}"
             )
-
-    def training_args(self, args):
-        args.remove_unused_columns = False  # the rejected side and the margins ride in extra columns
-        return args
-
-    def on_model(self, model):
-        return disable_dropout(model) if self.config.disable_dropout else model
-
-    def on_trainer(self, trainer) -> None:
-        self.trainer = trainer
-        trainer.loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides by accumulation steps
 
     def loss(self, model, batch, compute_loss):
         rewards = pair_rewards(model, batch)
@@ -100,6 +83,3 @@ class RewardModelTechnique(Technique):
         values = {"accuracy": (r[:, 0] > r[:, 1]).float(), "margin": r[:, 0] - r[:, 1], "mean_reward": r.mean(1)}
         self.logged.add("train" if model.training else "eval", values)
         return loss
-
-    def metrics(self, split: str) -> dict[str, float]:
-        return self.logged.pop(split, self.trainer.accelerator if self.trainer is not None else None)

@@ -152,8 +152,7 @@ class PairMeans:
         sums = self.sums.setdefault(split, {})
         for k, v in values.items():
             sums[k] = sums.get(k, 0) + v.sum().float()
-            pairs = torch.tensor(float(v.shape[0]), device=v.device)
-        sums["pairs"] = sums.get("pairs", 0) + pairs
+        sums["pairs"] = sums.get("pairs", 0) + torch.tensor(float(v.shape[0]), device=v.device)
 
     def pop(self, split: str, accelerator=None) -> dict[str, float]:
         sums = self.sums.pop(split, None)
